@@ -1,0 +1,113 @@
+"""Layers shared by the model ports: norms, rotary embeddings helpers, and the one attention function.
+
+Attention backends (``backend=``):
+  "xla"    - plain dot-product attention (default; CPU, GPU, TPU). Softmax in float32.
+  "splash" - Pallas splash attention on TPU (interpret mode on CPU for tests); added by the Qwen2.5-VL port.
+Masks are expressed as *segment ids* (tokens attend only within equal segment ids; id 0 = padding, attends to
+nothing and is attended by nothing) plus an optional causal flag with explicit positions, which covers causal LM,
+left/right padding, per-image and per-window block-diagonal vision attention, and KV-cache decoding.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, *, compute_dtype=jnp.float32) -> jax.Array:
+    """RMSNorm as Qwen2RMSNorm / T5LayerNorm: x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
+    dtype = x.dtype
+    xf = x.astype(compute_dtype)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(var + eps)
+    return (scale.astype(compute_dtype) * y).astype(dtype) if scale is not None else y.astype(dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
+    """torch.nn.LayerNorm over the last axis (float32 statistics)."""
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """NeoX-style rotate_half: cat(-x[d/2:], x[:d/2])."""
+    h = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def apply_rotary_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x*cos + rotate_half(x)*sin with cos/sin broadcastable to x (computed in float32)."""
+    xf = x.astype(jnp.float32)
+    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
+
+
+def attention_mask_from_segments(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+                                 causal: bool, q_positions: jax.Array | None, kv_positions: jax.Array | None,
+                                 tq: int, tk: int) -> jax.Array | None:
+    """Boolean mask [B or 1, 1, Tq, Tk] (True = may attend) from segment ids and causal positions."""
+    mask = None
+    if q_segment_ids is not None or kv_segment_ids is not None:
+        qs = q_segment_ids if q_segment_ids is not None else jnp.ones((1, tq), jnp.int32)
+        ks = kv_segment_ids if kv_segment_ids is not None else jnp.ones((1, tk), jnp.int32)
+        mask = (qs[:, :, None] == ks[:, None, :]) & (qs[:, :, None] != 0) & (ks[:, None, :] != 0)
+        mask = mask[:, None]
+    if causal:
+        qp = q_positions if q_positions is not None else jnp.arange(tq)[None]
+        kp = kv_positions if kv_positions is not None else jnp.arange(tk)[None]
+        c = (kp[:, None, :] <= qp[:, :, None])[:, None]
+        mask = c if mask is None else (mask & c)
+    return mask
+
+
+def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *, mask: jax.Array | None = None,
+                          bias: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale + bias, masked) v with grouped-query heads (H_q a multiple of H_kv).
+
+    q [B,T,Hq,D], k/v [B,S,Hkv,D], mask bool broadcastable to [B,Hq,T,S], bias float broadcastable likewise.
+    Rows with no visible key produce zeros (not NaN).
+    """
+    b, t, hq, d = q_bthd.shape
+    hkv = k_bshd.shape[2]
+    if hq % hkv:
+        raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} key/value heads")
+    rep = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    q_btkrd = q_bthd.reshape(b, t, hkv, rep, d)
+    logits_bkrts = jnp.einsum("btkrd,bskd->bkrts", q_btkrd, k_bshd,
+                              preferred_element_type=jnp.float32) * scale
+    logits = logits_bkrts.reshape(b, hq, t, -1)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
+    probs_bkrts = probs.reshape(b, hkv, rep, t, -1).astype(v_bshd.dtype)
+    out = jnp.einsum("bkrts,bskd->btkrd", probs_bkrts, v_bshd, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q_bthd.dtype)
+
+
+def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *, causal: bool = False,
+              q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+              q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
+              bias: jax.Array | None = None, scale: float | None = None, backend: str = "xla") -> jax.Array:
+    """The one attention entry point used by every model. See the module docstring for masks and backends."""
+    if backend == "xla":
+        mask = attention_mask_from_segments(q_segment_ids, kv_segment_ids, causal, q_positions, kv_positions,
+                                            q_bthd.shape[1], k_bshd.shape[1])
+        return dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask, bias=bias, scale=scale)
+    if backend == "splash":
+        from edit_r1_jax.models import splash  # provided by the Qwen2.5-VL port
+        return splash.splash_attention(q_bthd, k_bshd, v_bshd, causal=causal, q_segment_ids=q_segment_ids,
+                                       kv_segment_ids=kv_segment_ids, scale=scale)
+    raise ValueError(f"attention backend '{backend}' is unknown; expected 'xla' or 'splash'")
