@@ -1,0 +1,61 @@
+"""The shared attention function against a NumPy softmax reference (fp32, highest precision, 1e-6)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edit_r1_jax.models import layers
+
+
+def _ref_attention(q, k, v, mask):
+    b, t, hq, d = q.shape
+    rep = hq // k.shape[2]
+    k = np.repeat(k, rep, axis=2)
+    v = np.repeat(v, rep, axis=2)
+    logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)
+    logits = np.where(mask, logits, -np.inf)
+    m = logits.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    p = np.exp(logits - m)
+    s = p.sum(-1, keepdims=True)
+    p = np.where(s > 0, p / np.where(s > 0, s, 1), 0)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (6, 1)])
+def test_causal_padding_gqa(highest_precision, hq, hkv):
+    rng = np.random.default_rng(hq + hkv)
+    b, t, d = 2, 7, 8
+    q = rng.standard_normal((b, t, hq, d)).astype(np.float32)
+    k = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
+    seg = np.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1]], np.int32)  # second row left-padded
+    pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
+    out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=True, q_segment_ids=seg,
+                           kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
+    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0) & (pos[:, None, :] <= pos[:, :, None])
+    ref = _ref_attention(q, k, v, mask[:, None])
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(out)[1, :2] == 0)  # padding rows are zeros, not NaN
+
+
+def test_block_diagonal_segments(highest_precision):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, 6, 2, 4)).astype(np.float32) for _ in range(3))
+    seg = np.array([[1, 1, 2, 2, 2, 3]], np.int32)
+    out = layers.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg)
+    mask = seg[:, :, None] == seg[:, None, :]
+    np.testing.assert_allclose(np.asarray(out), _ref_attention(q, k, v, mask[:, None]), rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_backend():
+    x = jnp.zeros((1, 2, 1, 4))
+    with pytest.raises(ValueError, match="attention backend 'flash9' is unknown"):
+        layers.attention(x, x, x, backend="flash9")
+
+
+def test_rms_norm_matches_formula():
+    x = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
+    s = np.linspace(0.5, 1.5, 5).astype(np.float32)
+    ref = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * s
+    np.testing.assert_allclose(np.asarray(layers.rms_norm(jnp.asarray(x), jnp.asarray(s), 1e-6)), ref, rtol=1e-6)
