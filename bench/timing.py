@@ -1,0 +1,53 @@
+"""Shared timing helpers for bench/ scripts: warm up, synchronise, repeat, report median and spread.
+
+Compilation is timed separately (first call minus steady state is not used: we lower+compile explicitly where
+possible). Every benchmark prints one `RESULT` JSON line that bench/run_all.py collects into BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+
+def block(x: Any) -> Any:
+    import jax
+    return jax.block_until_ready(x)
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5, sync: Callable[[Any], Any] = block) -> dict:
+    """Median/min/max seconds of ``fn()`` after ``warmup`` calls; ``sync`` waits for async results."""
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeat": repeat}
+
+
+def time_compile(jitted, *args, **kwargs) -> tuple[Any, float]:
+    """(compiled, seconds) for lower+compile of a jitted function on concrete or abstract args."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **kwargs).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def machine() -> dict:
+    import jax
+    return {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "jax": jax.__version__,
+            "backend": jax.default_backend(), "devices": jax.device_count()}
+
+
+def report(name: str, goal: str, ratio: float | None, **fields: Any) -> dict:
+    """Print a human line and a machine-readable RESULT line."""
+    rec = {"bench": name, "goal": goal, "ratio": ratio, **fields, "machine": machine()}
+    print(f"[{name}] ratio={ratio if ratio is None else round(ratio, 3)}  goal: {goal}")
+    print("RESULT " + json.dumps(rec, default=float))
+    return rec
