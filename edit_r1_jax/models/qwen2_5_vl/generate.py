@@ -1,0 +1,147 @@
+"""Generation: one prefill pass filling a KV cache, then a jitted ``lax.while_loop`` of single-token decode steps.
+
+Shapes are bucketed so new prompt lengths do not recompile each time: the prompt is right-padded (mask 0) to a
+multiple of ``bucket`` (``Tp``) and the cache holds ``S = round_up(Tp + max_new_tokens, bucket)`` slots. Prompt
+rows may be left- or right-padded (any 0/1 ``attention_mask``). Generated token i of every row sits in cache slot
+``Tp + i`` with M-RoPE position ``max(prompt positions) + 1 + i`` (transformers' ``rope_deltas`` rule), and attends
+to valid prompt slots and earlier generated slots only.
+
+Log-probs: ``log_softmax(logits / temperature)[token]`` in float32 (``temperature = 0`` -> plain
+``log_softmax(logits)``), i.e. under the temperature-scaled full distribution, before top-k / top-p filtering;
+``token_logprobs(..., temperature=T)`` recomputes exactly this from a forward pass.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
+from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _prep, embed_inputs
+
+
+def round_up(n: int, m: int) -> int:
+    return ((n + m - 1) // m) * m
+
+
+def _select(logits_bv, key, temperature, top_k, top_p):
+    """-> (token [B] int32, log-prob [B] float32) for one step."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    if temperature == 0.0:
+        tok = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        lp = jax.nn.log_softmax(logits_bv, axis=-1)
+        return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+    scaled = logits_bv / temperature
+    lp = jax.nn.log_softmax(scaled, axis=-1)
+    filt = scaled
+    if top_k is not None and top_k > 0:
+        kth = jax.lax.top_k(scaled, min(int(top_k), scaled.shape[-1]))[0][:, -1:]
+        filt = jnp.where(scaled < kth, -jnp.inf, filt)
+    if top_p is not None and top_p < 1.0:
+        sorted_desc = -jnp.sort(-filt, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        cum_before = jnp.cumsum(probs, axis=-1) - probs          # mass strictly above each sorted token
+        keep = cum_before < top_p                                 # always keeps the top token
+        thresh = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        filt = jnp.where(filt < thresh, -jnp.inf, filt)
+    tok = jax.random.categorical(key, filt, axis=-1).astype(jnp.int32)
+    return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+
+
+def _generate_impl(params, ids_bt, mask_bt, pixel_values, rng, *, cfg, grid, max_new, cache_len, temperature,
+                   top_k, top_p, eos, pad):
+    b, tp = ids_bt.shape
+    t = cfg.text
+    module = Qwen25VL(cfg)
+    dtype = params["embed_tokens"]["embedding"].dtype
+    pos_3bt, deltas_b1 = rope_lib.get_rope_index(ids_bt, mask_bt, None if grid is None else np.asarray(grid),
+                                                 cfg.image_token_id, cfg.vision.spatial_merge_size)
+    next_pos_b = jnp.sum(mask_bt, axis=1) + deltas_b1[:, 0]          # = max(prompt positions) + 1
+    kv_seg_bs = jnp.concatenate([mask_bt, jnp.ones((b, cache_len - tp), jnp.int32)], axis=1)
+    cache_shape = (t.num_hidden_layers, b, cache_len, t.num_key_value_heads, t.head_dim)
+    cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
+    last_b = jnp.max(jnp.where(mask_bt > 0, jnp.arange(tp)[None], -1), axis=1)
+
+    def prefill(mdl):
+        x, _ = embed_inputs(mdl, cfg, ids_bt, pixel_values, grid)
+        h, new_cache, _ = mdl.decode(x, pos_3bt, mask_bt, cache, 0, kv_seg_bs)
+        h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)    # [B, 1, D]
+        return mdl.logits(h_last)[:, 0], new_cache
+
+    def step(mdl, tok_b, i, cache_):
+        x = mdl.embed(tok_b[:, None])
+        pos = jnp.broadcast_to((next_pos_b + i)[None, :, None], (3, b, 1))
+        h, new_cache, _ = mdl.decode(x, pos, jnp.ones((b, 1), jnp.int32), cache_, tp + i, kv_seg_bs)
+        return mdl.logits(h)[:, 0], new_cache
+
+    variables = {"params": params}
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    logits0, cache = nn.apply(prefill, module)(variables)
+    rng, sub = jax.random.split(rng)
+    tok0, lp0 = _select(logits0, sub, temperature, top_k, top_p)
+    tokens = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok0)
+    logps = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp0)
+    done = jnp.isin(tok0, eos_arr)
+
+    def cond(state):
+        i, _, done_, *_ = state
+        return (i < max_new - 1) & ~jnp.all(done_)
+
+    def body(state):
+        i, tok, done_, tokens_, logps_, cache_, key = state
+        logits, cache_ = nn.apply(step, module)(variables, tok, i, cache_)
+        key, sub_ = jax.random.split(key)
+        new_tok, new_lp = _select(logits, sub_, temperature, top_k, top_p)
+        new_tok = jnp.where(done_, pad, new_tok)
+        new_lp = jnp.where(done_, 0.0, new_lp)
+        tokens_ = jax.lax.dynamic_update_slice(tokens_, new_tok[:, None], (0, i + 1))
+        logps_ = jax.lax.dynamic_update_slice(logps_, new_lp[:, None], (0, i + 1))
+        done_ = done_ | jnp.isin(new_tok, eos_arr)
+        return i + 1, new_tok, done_, tokens_, logps_, cache_, key
+
+    state = (jnp.int32(0), tok0, done, tokens, logps, cache, rng)
+    _, _, _, tokens, logps, _, _ = jax.lax.while_loop(cond, body, state)
+    return tokens, logps
+
+
+_generate_jit = jax.jit(_generate_impl, static_argnames=("cfg", "grid", "max_new", "cache_len", "temperature",
+                                                          "top_k", "top_p", "eos", "pad"))
+
+
+def generate(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
+             image_grid_thw=None, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, rng=None, eos_token_id=None, *, pad_token_id: int | None = None,
+             bucket: int = 64):
+    """-> (tokens [B, max_new_tokens] int32, logprobs [B, max_new_tokens] float32).
+
+    ``temperature=0``: greedy. Sampling needs ``rng`` (a PRNG key). ``eos_token_id``: int or list; ``None`` uses
+    the config's EOS ids; ``[]`` disables stopping. After a row's EOS its tokens are ``pad_token_id`` (default:
+    config pad id, else the first EOS id, else 0) and its log-probs 0. The loop stops when every row is done.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: rng=jax.random.key(seed)")
+    grid, ids, mask, pv = _prep(cfg, params, input_ids, attention_mask, pixel_values, image_grid_thw)
+    b, t = ids.shape
+    mask = jnp.ones((b, t), jnp.int32) if mask is None else mask
+    eos = cfg.eos_token_id if eos_token_id is None else (
+        (int(eos_token_id),) if np.isscalar(eos_token_id) else tuple(int(e) for e in eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (
+        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    tp = round_up(t, bucket)
+    fill = 0 if cfg.image_token_id != 0 else 1
+    ids = jnp.pad(ids, ((0, 0), (0, tp - t)), constant_values=fill)
+    mask = jnp.pad(mask, ((0, 0), (0, tp - t)))
+    cache_len = round_up(tp + max_new_tokens, bucket)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate_jit(params, ids, mask, pv, rng, cfg=cfg, grid=grid, max_new=int(max_new_tokens),
+                         cache_len=cache_len, temperature=float(temperature),
+                         top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
+                         eos=eos, pad=int(pad))

@@ -1,0 +1,245 @@
+"""Whole model (transformers ``Qwen2_5_VLForConditionalGeneration``) and its pure functions.
+
+Params are a plain nested dict **without** the ``{'params': ...}`` wrapper:
+  visual/{patch_embed, blocks (stacked), merger}   <- visual.*  (Hub layout) / model.visual.* (v5 in-memory)
+  embed_tokens/embedding, layers (stacked), norm    <- model.{embed_tokens, layers.i, norm}
+  lm_head/kernel (only when tie_word_embeddings is False; tied models use embed_tokens.T)
+``param_logical_axes(cfg)`` gives the matching tree of logical PartitionSpecs (leading 'layers' on stacked weights).
+
+Inputs are transformers-style: ``input_ids [B,T]``, ``attention_mask [B,T]`` (1 = token, 0 = padding, any side),
+packed ``pixel_values [N, C*T*P*P]`` and ``image_grid_thw [n_img, 3]``. The grid must be concrete (NumPy / list):
+it fixes the vision tower's shapes, exactly as in torch where it is read with ``.tolist()``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
+from edit_r1_jax.models.qwen2_5_vl.common import RMSNorm, constrain, default_init, dense
+from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from edit_r1_jax.models.qwen2_5_vl.text import decoder_stack, mrope_cos_sin
+from edit_r1_jax.models.qwen2_5_vl.vision import VisionTower, meta_arrays
+from edit_r1_jax.models.qwen2_5_vl.vision_meta import vision_meta
+
+
+class Qwen25VL(nn.Module):
+    cfg: Qwen25VLConfig
+    collect_hidden: bool = False
+
+    def setup(self):
+        c = self.cfg
+        self.visual = VisionTower(c.vision, c.attention_backend, c.remat_policy, self.collect_hidden)
+        self.embed_tokens = nn.Embed(c.text.vocab_size, c.text.hidden_size,
+                                     embedding_init=nn.with_logical_partitioning(default_init, ("vocab", "embed")))
+        self.layers = decoder_stack(c.text, c.attention_backend, c.remat_policy, self.collect_hidden)
+        self.norm = RMSNorm(c.text.rms_norm_eps)
+        if not c.tie_word_embeddings:
+            self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head")
+
+    def encode_images(self, pixel_values, meta):
+        return self.visual(pixel_values, meta)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def decode(self, x_btd, position_ids, segment_ids, cache=None, cache_index=None, kv_segment_ids=None):
+        """Decoder stack + final norm. -> (hidden [B,T,D] normed, new_cache, per-layer hidden or None)."""
+        t = self.cfg.text
+        x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
+        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x_btd.dtype)
+        x_btd, (new_cache, hidden) = self.layers(x_btd, cache, cos, sin, segment_ids, cache_index, kv_segment_ids)
+        return self.norm(x_btd), new_cache, hidden
+
+    def logits(self, h_btd):
+        if self.cfg.tie_word_embeddings:
+            out = self.embed_tokens.attend(h_btd)
+        else:
+            out = self.lm_head(h_btd)
+        return constrain(out.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+
+    def __call__(self, input_ids, pixel_values, meta):   # used by init only: touches every parameter
+        feats = self.encode_images(pixel_values, meta)
+        x = self.embed(input_ids) + jnp.sum(feats) * 0
+        pos = rope_lib.text_position_ids(input_ids)
+        h, _, _ = self.decode(x, pos, None)
+        return self.logits(h)
+
+
+# ----------------------------------------------------------------------------------------------------------- init
+
+def _dummy_inputs(cfg: Qwen25VLConfig):
+    m = cfg.vision.spatial_merge_size
+    grid = np.array([[1, 2 * m, 2 * m]])
+    meta = meta_arrays(vision_meta(grid, cfg.vision))
+    return jnp.zeros((1, 4), jnp.int32), jnp.zeros((int(grid.prod()), cfg.vision.patch_dim), jnp.float32), meta
+
+
+def _boxed_init(cfg: Qwen25VLConfig, rng):
+    ids, pv, meta = _dummy_inputs(cfg)
+    return Qwen25VL(cfg).init(rng, ids, pv, meta)["params"]
+
+
+def init_params(cfg: Qwen25VLConfig, rng=None, dtype=jnp.float32) -> dict:
+    """Random params (normal(0.02) kernels, ones for norms), unboxed plain dicts."""
+    rng = jax.random.key(0) if rng is None else rng
+    params = nn.meta.unbox(jax.jit(_boxed_init, static_argnums=0)(cfg, rng))
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+@functools.lru_cache(maxsize=16)
+def param_shapes(cfg: Qwen25VLConfig) -> dict:
+    """Tree of ShapeDtypeStruct (float32) without allocating anything (jax.eval_shape)."""
+    return nn.meta.unbox(jax.eval_shape(functools.partial(_boxed_init, cfg), jax.random.key(0)))
+
+
+@functools.lru_cache(maxsize=16)
+def param_logical_axes(cfg: Qwen25VLConfig) -> dict:
+    """Tree (matching params) of logical PartitionSpecs, e.g. P('layers', 'embed', 'heads', 'head_dim')."""
+    return nn.get_partition_spec(jax.eval_shape(functools.partial(_boxed_init, cfg), jax.random.key(0)))
+
+
+def num_params(cfg: Qwen25VLConfig) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg))))
+
+
+# -------------------------------------------------------------------------------------------------------- forward
+
+def _grid_key(image_grid_thw) -> tuple | None:
+    if image_grid_thw is None:
+        return None
+    if isinstance(image_grid_thw, jax.core.Tracer):
+        raise TypeError("image_grid_thw must be concrete (NumPy array or list), not a traced value: it fixes the "
+                        "vision tower's shapes. Pass it as a static/closure value when jitting.")
+    return tuple(tuple(int(v) for v in row) for row in np.asarray(image_grid_thw).reshape(-1, 3))
+
+
+def _check_image_tokens(cfg, input_ids, grid):
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    n_tok = int(np.sum(np.asarray(input_ids) == cfg.image_token_id))
+    u = cfg.vision.spatial_merge_size ** 2
+    n_feat = 0 if grid is None else int(sum(t * h * w for t, h, w in grid)) // u
+    if n_tok != n_feat:
+        raise ValueError(f"Image features and image tokens do not match: {n_tok} tokens with id "
+                         f"image_token_id={cfg.image_token_id} in input_ids, but image_grid_thw={list(grid or [])} "
+                         f"gives {n_feat} merged image features")
+
+
+def splice_images(x_btd, input_ids, feats_md, image_token_id: int):
+    """masked_scatter of image features into image-token positions, row-major over (batch, seq)."""
+    is_img = input_ids == image_token_id
+    b, t = input_ids.shape
+    idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, feats_md.shape[0] - 1)
+    gathered = feats_md[idx].reshape(b, t, -1).astype(x_btd.dtype)
+    return jnp.where(is_img[..., None], gathered, x_btd)
+
+
+def position_ids_for(cfg, input_ids, attention_mask, grid):
+    """M-RoPE ids: ``get_rope_index`` (padding-aware) whenever there are images or an attention mask; ``arange``
+    otherwise. Same rule as transformers' ``generate``; transformers' *forward* uses ``arange`` for text-only input
+    even with left padding, which differs from this by a per-row constant shift (identical attention in exact
+    arithmetic, since RoPE only sees relative positions)."""
+    if grid is None and attention_mask is None:
+        return rope_lib.text_position_ids(input_ids)
+    return rope_lib.get_rope_index(input_ids, attention_mask, None if grid is None else np.asarray(grid),
+                                   cfg.image_token_id,
+                                   cfg.vision.spatial_merge_size)[0]
+
+
+def embed_inputs(module: Qwen25VL, cfg, input_ids, pixel_values, grid):
+    """Token embeddings with image features spliced in (inside ``module.apply``).
+
+    -> (inputs_embeds [B,T,D], vision output or None: features, or (features, per-block hidden) if collecting).
+    """
+    x = module.embed(input_ids)
+    vis = None
+    if grid is not None:
+        meta = meta_arrays(vision_meta(np.asarray(grid), cfg.vision))
+        vis = module.encode_images(pixel_values, meta)
+        feats = vis[0] if module.collect_hidden else vis
+        x = splice_images(x, input_ids, feats, cfg.image_token_id)
+    return x, vis
+
+
+def _forward_impl(params, input_ids, attention_mask, pixel_values, position_ids, *, cfg, grid, return_hidden):
+    module = Qwen25VL(cfg, collect_hidden=return_hidden)
+    seg = None if attention_mask is None else attention_mask.astype(jnp.int32)
+
+    def body(mdl):
+        x, vis = embed_inputs(mdl, cfg, input_ids, pixel_values, grid)
+        pos = position_ids if position_ids is not None else position_ids_for(cfg, input_ids, attention_mask, grid)
+        h, _, hidden = mdl.decode(x, pos, seg)
+        logits = mdl.logits(h)
+        if not return_hidden:
+            return logits
+        return dict(logits=logits, last_hidden=h, layer_hidden=hidden, inputs_embeds=x, vision=vis)
+
+    return nn.apply(body, module)({"params": params})
+
+
+_forward_jit = jax.jit(_forward_impl, static_argnames=("cfg", "grid", "return_hidden"))
+
+
+def _prep(cfg, params, input_ids, attention_mask, pixel_values, image_grid_thw):
+    grid = _grid_key(image_grid_thw)
+    if grid is not None and pixel_values is None:
+        raise ValueError("image_grid_thw given without pixel_values")
+    if pixel_values is not None and grid is None:
+        raise ValueError("pixel_values given without image_grid_thw")
+    _check_image_tokens(cfg, input_ids, grid)
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if pixel_values is not None:
+        n = sum(t * h * w for t, h, w in grid)
+        if tuple(pixel_values.shape) != (n, cfg.vision.patch_dim):
+            raise ValueError(f"pixel_values shape {tuple(pixel_values.shape)} does not match image_grid_thw "
+                             f"{list(grid)}: expected ({n}, {cfg.vision.patch_dim})")
+        pixel_values = jnp.asarray(pixel_values).astype(params["visual"]["patch_embed"]["kernel"].dtype)
+    return grid, input_ids, attention_mask, pixel_values
+
+
+def forward(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
+            image_grid_thw=None, *, position_ids=None) -> jax.Array:
+    """Logits ``[B, T, vocab]`` float32, same semantics as transformers' forward. Jitted; differentiable in params.
+
+    ``position_ids`` [3, B, T] overrides the M-RoPE ids (default: transformers' rule, see ``position_ids_for``).
+    """
+    grid, input_ids, attention_mask, pixel_values = _prep(cfg, params, input_ids, attention_mask, pixel_values,
+                                                          image_grid_thw)
+    return _forward_jit(params, input_ids, attention_mask, pixel_values, position_ids, cfg=cfg, grid=grid,
+                        return_hidden=False)
+
+
+def forward_with_hidden(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
+                        image_grid_thw=None, *, position_ids=None) -> dict[str, Any]:
+    """Like ``forward`` but returns a dict: logits, last_hidden (after the final norm; Qwen-Image's prompt
+    embedding), layer_hidden [L, B, T, D] (after each decoder layer), inputs_embeds, and vision =
+    (merged features, per-block hidden [depth, N, Dv] in window order) when images are given."""
+    grid, input_ids, attention_mask, pixel_values = _prep(cfg, params, input_ids, attention_mask, pixel_values,
+                                                          image_grid_thw)
+    return _forward_jit(params, input_ids, attention_mask, pixel_values, position_ids, cfg=cfg, grid=grid,
+                        return_hidden=True)
+
+
+def token_logprobs(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
+                   image_grid_thw=None, *, temperature: float = 1.0, position_ids=None) -> jax.Array:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for t in [0, T-1) -> [B, T-1] float32 (differentiable).
+
+    ``log_softmax(logits / temperature)`` gathered at the next token; the same quantity ``generate`` returns for
+    the tokens it sampled (use the same temperature). Positions whose next token is padding are set to 0.
+    """
+    logits = forward(cfg, params, input_ids, attention_mask, pixel_values, image_grid_thw,
+                     position_ids=position_ids)
+    ids = jnp.asarray(input_ids, jnp.int32)
+    lp = jax.nn.log_softmax(logits[:, :-1] / temperature, axis=-1)
+    out = jnp.take_along_axis(lp, ids[:, 1:, None], axis=-1)[..., 0]
+    if attention_mask is not None:
+        out = jnp.where(jnp.asarray(attention_mask)[:, 1:] > 0, out, 0.0)
+    return out

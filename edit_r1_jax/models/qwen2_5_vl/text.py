@@ -1,0 +1,135 @@
+"""Language model (transformers ``Qwen2_5_VLTextModel``, §1.5): Qwen2 decoder with GQA, qkv bias, M-RoPE.
+
+Module map (ours -> torch):
+  Attention.q_proj/k_proj/v_proj  -> self_attn.{q,k,v}_proj (kernels [D, heads, hd], bias [heads, hd])
+  Attention.o_proj                -> self_attn.o_proj (kernel [heads, hd, D], no bias)
+  MLP.gate_proj/up_proj/down_proj -> mlp.* (no bias)
+  DecoderLayer.input_layernorm / post_attention_layernorm -> same names
+Layers are stacked with ``nn.scan`` (leading 'layers' axis on every weight). A layer optionally reads/writes a KV
+cache slice (generation): new keys/values are written at ``cache_index`` and queries attend to cache slots
+``<=`` their own slot whose ``kv_segment_ids`` is non-zero.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from edit_r1_jax.models import layers
+from edit_r1_jax.models.qwen2_5_vl.common import RMSNorm, constrain, dense
+from edit_r1_jax.models.qwen2_5_vl.config import TextConfig
+
+_cp = jax.checkpoint_policies
+REMAT_POLICIES = {
+    "none": None,                                           # no rematerialisation
+    "full": _cp.nothing_saveable,                           # recompute everything in the backward pass
+    "dots": _cp.checkpoint_dots,                            # keep matmul outputs
+    "dots_no_batch": _cp.dots_with_no_batch_dims_saveable,  # keep weight matmuls, recompute attention
+    "attn_mlp_out": _cp.save_only_these_names("attn_out", "mlp_out"),   # keep the two residual branches
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={name!r}: expected one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+def mrope_cos_sin(position_ids_3bt: jax.Array, head_dim: int, theta: float, section, dtype):
+    """Qwen2_5_VLRotaryEmbedding: per-frequency axis choice by ``mrope_section`` (chunk k follows axis k % 3).
+
+    -> cos, sin [B, T, head_dim], computed in fp32 then cast to the activation dtype (as torch does).
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))   # [hd/2]
+    freqs_3btf = position_ids_3bt.astype(jnp.float32)[..., None] * inv_freq
+    axis_of_freq = jnp.concatenate([jnp.full((s,), i % 3, jnp.int32) for i, s in enumerate(section)])
+    onehot_3f = jax.nn.one_hot(axis_of_freq, 3, dtype=jnp.float32).T                        # [3, hd/2]
+    f_btf = jnp.sum(freqs_3btf * onehot_3f[:, None, None, :], axis=0)   # exact: one non-zero term per frequency
+    emb = jnp.concatenate([f_btf, f_btf], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rotary_activation_dtype(x_bthd, cos_btd, sin_btd):
+    """torch apply_rotary_pos_emb: q*cos + rotate_half(q)*sin in the activation dtype."""
+    cos, sin = cos_btd[:, :, None, :].astype(x_bthd.dtype), sin_btd[:, :, None, :].astype(x_bthd.dtype)
+    return x_bthd * cos + layers.rotate_half(x_bthd) * sin
+
+
+class Attention(nn.Module):
+    cfg: TextConfig
+    backend: str = "xla"
+
+    @nn.compact
+    def __call__(self, x_btd, cos, sin, segment_ids, cache=None, cache_index=None, kv_segment_ids=None):
+        c = self.cfg
+        hd = c.head_dim
+        q_bthd = dense((c.num_attention_heads, hd), ("embed", "heads", "head_dim"), use_bias=True, name="q_proj")(x_btd)
+        k_bthd = dense((c.num_key_value_heads, hd), ("embed", "kv_heads", "head_dim"), use_bias=True,
+                       name="k_proj")(x_btd)
+        v_bthd = dense((c.num_key_value_heads, hd), ("embed", "kv_heads", "head_dim"), use_bias=True,
+                       name="v_proj")(x_btd)
+        q_bthd = apply_rotary_activation_dtype(q_bthd, cos, sin)
+        k_bthd = apply_rotary_activation_dtype(k_bthd, cos, sin)
+        q_bthd = constrain(q_bthd, ("activation_batch", "activation_length", "activation_heads", None))
+        if cache is None:
+            out = layers.attention(q_bthd, k_bthd, v_bthd, causal=True, q_segment_ids=segment_ids,
+                                   kv_segment_ids=segment_ids, backend=self.backend)
+            new_cache = None
+        else:
+            ck_bshd, cv_bshd = cache
+            b, t = x_btd.shape[:2]
+            s = ck_bshd.shape[1]
+            ck_bshd = jax.lax.dynamic_update_slice(ck_bshd, k_bthd.astype(ck_bshd.dtype), (0, cache_index, 0, 0))
+            cv_bshd = jax.lax.dynamic_update_slice(cv_bshd, v_bthd.astype(cv_bshd.dtype), (0, cache_index, 0, 0))
+            q_pos = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
+            kv_pos = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
+            q_seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+            out = layers.attention(q_bthd, ck_bshd.astype(q_bthd.dtype), cv_bshd.astype(q_bthd.dtype), causal=True,
+                                   q_segment_ids=q_seg, kv_segment_ids=kv_segment_ids, q_positions=q_pos,
+                                   kv_positions=kv_pos, backend="xla")
+            new_cache = (ck_bshd, cv_bshd)
+        o = dense(c.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, axis=(-2, -1), name="o_proj")(out)
+        return o, new_cache
+
+
+class MLP(nn.Module):
+    cfg: TextConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        g = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj")(x)
+        u = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj")(x)
+        h = constrain(jax.nn.silu(g) * u, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    """torch: Qwen2_5_VLDecoderLayer. Scan-shaped: (carry x, per-layer cache) -> (x, (new_cache, hidden))."""
+    cfg: TextConfig
+    backend: str = "xla"
+    collect_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x_btd, cache, cos, sin, segment_ids, cache_index, kv_segment_ids):
+        c = self.cfg
+        h, new_cache = Attention(c, self.backend, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, name="input_layernorm")(x_btd), cos, sin, segment_ids, cache, cache_index,
+            kv_segment_ids)
+        x_btd = x_btd + checkpoint_name(h, "attn_out")
+        m = MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x_btd))
+        x_btd = x_btd + checkpoint_name(m, "mlp_out")
+        x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
+        return x_btd, (new_cache, x_btd if self.collect_hidden else None)
+
+
+def decoder_stack(cfg: TextConfig, backend: str, remat: str, collect_hidden: bool, name: str = "layers"):
+    """The scanned decoder: call as ``stack(x, cache_or_None, cos, sin, segment_ids, cache_index, kv_segment_ids)``."""
+    block = DecoderLayer
+    if remat != "none":
+        block = nn.remat(DecoderLayer, policy=remat_policy(remat), prevent_cse=False)
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(cfg, backend, collect_hidden, name=name)
