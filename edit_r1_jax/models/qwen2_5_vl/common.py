@@ -1,6 +1,8 @@
 """Small Linen building blocks shared by the vision tower and the decoder (logical axes on every weight)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Sequence
 
 import flax.linen as nn
@@ -43,6 +45,30 @@ def dense(features, axes: Sequence[str | None], *, use_bias: bool, name: str, ax
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, tuple(bias_axes)))
 
 
+_SHARDING = contextvars.ContextVar("qwen2_5_vl_sharding", default=None)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh, rules):
+    """While tracing, make ``constrain`` emit sharding constraints for ``mesh`` under logical ``rules``."""
+    token = _SHARDING.set(None if mesh is None else (mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _SHARDING.reset(token)
+
+
 def constrain(x, names):
-    """Logical sharding constraint on an activation (no-op without a mesh / rules in context)."""
-    return nn.with_logical_constraint(x, names)
+    """Logical sharding constraint on an activation.
+
+    Inside ``sharding_context(mesh, rules)``: mesh axes that do not divide a dimension are dropped for that dim
+    (e.g. batch 1 on a 4-way data axis). Otherwise falls back to ``nn.with_logical_constraint`` (a no-op unless the
+    caller set ``nn.logical_axis_rules`` and a global mesh).
+    """
+    ctx = _SHARDING.get()
+    if ctx is None:
+        return nn.with_logical_constraint(x, names)
+    from edit_r1_jax import parallel
+    mesh, rules = ctx
+    spec = parallel.fit_spec_to_shape(parallel.logical_to_mesh_spec(names, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))

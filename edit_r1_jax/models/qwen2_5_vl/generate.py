@@ -21,7 +21,8 @@ import numpy as np
 
 from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _prep, embed_inputs
+from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
+from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _prep, embed_inputs, sharding_of
 
 
 def round_up(n: int, m: int) -> int:
@@ -52,7 +53,12 @@ def _select(logits_bv, key, temperature, top_k, top_p):
     return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
 
-def _generate_impl(params, ids_bt, mask_bt, pixel_values, rng, *, cfg, grid, max_new, cache_len, temperature,
+def _generate_impl(params, ids_bt, mask_bt, pixel_values, rng, *, sharding=None, **static):
+    with sharding_context(*(sharding or (None, ()))):
+        return _generate_body(params, ids_bt, mask_bt, pixel_values, rng, **static)
+
+
+def _generate_body(params, ids_bt, mask_bt, pixel_values, rng, *, cfg, grid, max_new, cache_len, temperature,
                    top_k, top_p, eos, pad):
     b, tp = ids_bt.shape
     t = cfg.text
@@ -109,7 +115,7 @@ def _generate_impl(params, ids_bt, mask_bt, pixel_values, rng, *, cfg, grid, max
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=("cfg", "grid", "max_new", "cache_len", "temperature",
-                                                          "top_k", "top_p", "eos", "pad"))
+                                                          "top_k", "top_p", "eos", "pad", "sharding"))
 
 
 def generate(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
@@ -144,4 +150,4 @@ def generate(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, 
     return _generate_jit(params, ids, mask, pv, rng, cfg=cfg, grid=grid, max_new=int(max_new_tokens),
                          cache_len=cache_len, temperature=float(temperature),
                          top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
-                         eos=eos, pad=int(pad))
+                         eos=eos, pad=int(pad), sharding=sharding_of(params))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
-from edit_r1_jax.models.qwen2_5_vl.common import RMSNorm, constrain, default_init, dense
+from edit_r1_jax.models.qwen2_5_vl.common import RMSNorm, constrain, default_init, dense, sharding_context
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.text import decoder_stack, mrope_cos_sin
 from edit_r1_jax.models.qwen2_5_vl.vision import VisionTower, meta_arrays
@@ -167,7 +167,13 @@ def embed_inputs(module: Qwen25VL, cfg, input_ids, pixel_values, grid):
     return x, vis
 
 
-def _forward_impl(params, input_ids, attention_mask, pixel_values, position_ids, *, cfg, grid, return_hidden):
+def _forward_impl(params, input_ids, attention_mask, pixel_values, position_ids, *, cfg, grid, return_hidden,
+                  sharding=None):
+    with sharding_context(*(sharding or (None, ()))):
+        return _forward_body(params, input_ids, attention_mask, pixel_values, position_ids, cfg, grid, return_hidden)
+
+
+def _forward_body(params, input_ids, attention_mask, pixel_values, position_ids, cfg, grid, return_hidden):
     module = Qwen25VL(cfg, collect_hidden=return_hidden)
     seg = None if attention_mask is None else attention_mask.astype(jnp.int32)
 
@@ -183,7 +189,21 @@ def _forward_impl(params, input_ids, attention_mask, pixel_values, position_ids,
     return nn.apply(body, module)({"params": params})
 
 
-_forward_jit = jax.jit(_forward_impl, static_argnames=("cfg", "grid", "return_hidden"))
+_forward_jit = jax.jit(_forward_impl, static_argnames=("cfg", "grid", "return_hidden", "sharding"))
+
+
+def sharding_of(params, mesh=None, rules=None):
+    """Static (mesh, rules) for activation constraints: the given mesh, else the mesh the params live on (if they
+    carry a NamedSharding over more than one device), else None."""
+    if mesh is None:
+        leaf = jax.tree.leaves(params)[0]
+        sh = getattr(leaf, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.size > 1:
+            mesh = sh.mesh
+    if mesh is None:
+        return None
+    from edit_r1_jax import parallel
+    return mesh, tuple(parallel.DEFAULT_RULES if rules is None else rules)
 
 
 def _prep(cfg, params, input_ids, attention_mask, pixel_values, image_grid_thw):
@@ -206,26 +226,27 @@ def _prep(cfg, params, input_ids, attention_mask, pixel_values, image_grid_thw):
 
 
 def forward(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
-            image_grid_thw=None, *, position_ids=None) -> jax.Array:
+            image_grid_thw=None, *, position_ids=None, mesh=None, rules=None) -> jax.Array:
     """Logits ``[B, T, vocab]`` float32, same semantics as transformers' forward. Jitted; differentiable in params.
 
-    ``position_ids`` [3, B, T] overrides the M-RoPE ids (default: transformers' rule, see ``position_ids_for``).
+    ``position_ids`` [3, B, T] overrides the M-RoPE ids (default: see ``position_ids_for``). ``mesh``/``rules``:
+    activation sharding constraints (default: the mesh the params are sharded on, ``parallel.DEFAULT_RULES``).
     """
     grid, input_ids, attention_mask, pixel_values = _prep(cfg, params, input_ids, attention_mask, pixel_values,
                                                           image_grid_thw)
     return _forward_jit(params, input_ids, attention_mask, pixel_values, position_ids, cfg=cfg, grid=grid,
-                        return_hidden=False)
+                        return_hidden=False, sharding=sharding_of(params, mesh, rules))
 
 
 def forward_with_hidden(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
-                        image_grid_thw=None, *, position_ids=None) -> dict[str, Any]:
+                        image_grid_thw=None, *, position_ids=None, mesh=None, rules=None) -> dict[str, Any]:
     """Like ``forward`` but returns a dict: logits, last_hidden (after the final norm; Qwen-Image's prompt
     embedding), layer_hidden [L, B, T, D] (after each decoder layer), inputs_embeds, and vision =
     (merged features, per-block hidden [depth, N, Dv] in window order) when images are given."""
     grid, input_ids, attention_mask, pixel_values = _prep(cfg, params, input_ids, attention_mask, pixel_values,
                                                           image_grid_thw)
     return _forward_jit(params, input_ids, attention_mask, pixel_values, position_ids, cfg=cfg, grid=grid,
-                        return_hidden=True)
+                        return_hidden=True, sharding=sharding_of(params, mesh, rules))
 
 
 def token_logprobs(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
