@@ -53,13 +53,13 @@ def _select(logits_bv, key, temperature, top_k, top_p):
     return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
 
-def _generate_impl(params, ids_bt, mask_bt, pixel_values, rng, *, sharding=None, **static):
+def _generate_impl(params, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, *, sharding=None, **static):
     with sharding_context(*(sharding or (None, ()))):
-        return _generate_body(params, ids_bt, mask_bt, pixel_values, rng, **static)
+        return _generate_body(params, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, **static)
 
 
-def _generate_body(params, ids_bt, mask_bt, pixel_values, rng, *, cfg, grid, max_new, cache_len, temperature,
-                   top_k, top_p, eos, pad):
+def _generate_body(params, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, *, cfg, grid, max_new, cache_len,
+                   temperature, top_k, top_p):
     b, tp = ids_bt.shape
     t = cfg.text
     module = Qwen25VL(cfg)
@@ -85,7 +85,6 @@ def _generate_body(params, ids_bt, mask_bt, pixel_values, rng, *, cfg, grid, max
         return mdl.logits(h)[:, 0], new_cache
 
     variables = {"params": params}
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
     logits0, cache = nn.apply(prefill, module)(variables)
     rng, sub = jax.random.split(rng)
     tok0, lp0 = _select(logits0, sub, temperature, top_k, top_p)
@@ -115,7 +114,7 @@ def _generate_body(params, ids_bt, mask_bt, pixel_values, rng, *, cfg, grid, max
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=("cfg", "grid", "max_new", "cache_len", "temperature",
-                                                          "top_k", "top_p", "eos", "pad", "sharding"))
+                                                          "top_k", "top_p", "sharding"))
 
 
 def generate(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
@@ -147,7 +146,8 @@ def generate(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, 
     mask = jnp.pad(mask, ((0, 0), (0, tp - t)))
     cache_len = round_up(tp + max_new_tokens, bucket)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate_jit(params, ids, mask, pv, rng, cfg=cfg, grid=grid, max_new=int(max_new_tokens),
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    return _generate_jit(params, ids, mask, pv, rng, eos_arr, jnp.int32(pad), cfg=cfg, grid=grid, max_new=int(max_new_tokens),
                          cache_len=cache_len, temperature=float(temperature),
                          top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
-                         eos=eos, pad=int(pad), sharding=sharding_of(params))
+                         sharding=sharding_of(params))

@@ -1,0 +1,111 @@
+"""Qwen2.5-VL generation: greedy parity with transformers, log-prob identity with a forward recompute, sampling,
+EOS/padding, and cache-length buckets (fp32, highest matmul precision)."""
+import importlib
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from edit_r1_jax.models import qwen2_5_vl as q
+from edit_r1_jax.models.qwen2_5_vl import testing as T
+
+N_NEW = 40
+gen_lib = importlib.import_module("edit_r1_jax.models.qwen2_5_vl.generate")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = T.tiny_torch_model(tie=False, seed=0)
+    d = str(tmp_path_factory.mktemp("qwen_gen"))
+    model.save_pretrained(d)
+    cfg, params = q.load_pretrained(d)
+    grid = np.array([[1, 4, 6], [1, 6, 4]])
+    pv = T.pixel_values_for(grid, seed=7)
+    rows = [[1, 5] + T.image_tokens(grid[0]) + [7, 3], [1] + T.image_tokens(grid[1]) + [6, 20, 21, 22, 23]]
+    return model, cfg, params, grid, pv, rows
+
+
+def pad_rows(rows, side):
+    t = max(map(len, rows))
+    ids = np.zeros((len(rows), t), np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        sl = slice(t - len(r), t) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = r, 1
+    return ids, mask
+
+
+def recompute(cfg, params, ids, mask, pv, grid, toks, temperature=1.0):
+    """Log-probs of the generated tokens via token_logprobs on [prompt, generated]."""
+    full = np.concatenate([ids, toks], axis=1)
+    fmask = np.concatenate([mask, np.ones_like(toks)], axis=1)
+    lp = np.asarray(q.token_logprobs(cfg, params, full, fmask, pv, grid, temperature=temperature))
+    return lp[:, ids.shape[1] - 1:]
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_and_logprobs_match_forward(setup, highest_precision):
+    model, cfg, params, grid, pv, rows = setup
+    ids, mask = pad_rows(rows, "left")            # transformers' batched generation wants left padding
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                             pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(grid),
+                             mm_token_type_ids=torch.tensor(T.mm_token_type_ids(ids)), max_new_tokens=N_NEW,
+                             do_sample=False, pad_token_id=0)
+    ref = out[:, ids.shape[1]:].numpy()
+    assert ref.shape == (2, N_NEW)                # no early EOS in the reference
+    toks, lps = q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=N_NEW)
+    toks, lps = np.asarray(toks), np.asarray(lps)
+    assert lps.dtype == np.float32
+    np.testing.assert_array_equal(toks, ref)
+    np.testing.assert_allclose(lps, recompute(cfg, params, ids, mask, pv, grid, toks), atol=1e-5, rtol=0)
+    # right-padded prompts give the same continuation (same compiled program: the prompt bucket is identical)
+    ids_r, mask_r = pad_rows(rows, "right")
+    toks_r, lps_r = q.generate(cfg, params, ids_r, mask_r, pv, grid, max_new_tokens=N_NEW)
+    np.testing.assert_array_equal(np.asarray(toks_r), toks)
+    np.testing.assert_allclose(np.asarray(lps_r), lps, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sampling_logprobs_match_forward_and_key_determinism(setup, highest_precision):
+    _, cfg, params, grid, pv, rows = setup
+    ids, mask = pad_rows(rows, "left")
+    kw = dict(max_new_tokens=N_NEW, temperature=0.8, top_k=40, top_p=0.95, eos_token_id=[])
+    t1, l1 = q.generate(cfg, params, ids, mask, pv, grid, rng=jax.random.key(1), **kw)
+    t2, _ = q.generate(cfg, params, ids, mask, pv, grid, rng=jax.random.key(1), **kw)
+    t3, _ = q.generate(cfg, params, ids, mask, pv, grid, rng=jax.random.key(2), **kw)
+    t1, l1 = np.asarray(t1), np.asarray(l1)
+    np.testing.assert_array_equal(t1, np.asarray(t2))
+    assert not np.array_equal(t1, np.asarray(t3))
+    np.testing.assert_allclose(l1, recompute(cfg, params, ids, mask, pv, grid, t1, temperature=0.8),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="PRNG key"):
+        q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=4, temperature=0.8)
+
+
+def test_eos_stops_row_and_pads(setup):
+    _, cfg, params, grid, pv, rows = setup
+    ids, mask = pad_rows([[1, 5, 6, 7, 30], [1, 40, 41]], "left")
+    toks, lps = q.generate(cfg, params, ids, mask, max_new_tokens=12, eos_token_id=[])
+    toks, lps = np.asarray(toks), np.asarray(lps)
+    eos = int(toks[0, 3])
+    first = int(np.argmax(toks[0] == eos))
+    t2, l2 = q.generate(cfg, params, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    t2, l2 = np.asarray(t2), np.asarray(l2)
+    np.testing.assert_array_equal(t2[0, :first + 1], toks[0, :first + 1])
+    assert (t2[0, first + 1:] == 0).all() and (l2[0, first + 1:] == 0).all()
+    row1_eos = np.flatnonzero(toks[1] == eos)
+    stop1 = row1_eos[0] + 1 if len(row1_eos) else 12
+    np.testing.assert_array_equal(t2[1, :stop1], toks[1, :stop1])
+
+
+def test_prompt_length_buckets_do_not_recompile(setup):
+    _, cfg, params, *_ = setup
+    ids, mask = pad_rows([[1, 5, 6, 7, 30], [1, 40, 41]], "left")
+    q.generate(cfg, params, ids, mask, max_new_tokens=12)
+    n = gen_lib._generate_jit._cache_size()
+    for rows in ([[1, 5, 6], [1, 40, 41, 42, 43, 44, 45, 46]], [[1] * 30, [3]]):
+        ids, mask = pad_rows(rows, "right")
+        q.generate(cfg, params, ids, mask, max_new_tokens=12)
+    assert gen_lib._generate_jit._cache_size() == n
