@@ -86,6 +86,10 @@ def test_sft_loss_matches_reference(b, t, v):
     # pre-aligned logits [B, T-1, V] give the same loss
     loss2, _ = rl.sft_loss(logits[:, :-1], tokens, mask)
     np.testing.assert_allclose(loss2, loss, rtol=1e-7)
+    # ids at masked-out positions (e.g. -100 labels) are never gathered, so they cannot turn the loss into NaN
+    bad = np.where(mask > 0, tokens, -100)
+    bad[:, 0] = 10**6
+    np.testing.assert_allclose(rl.sft_loss(logits, bad, mask)[0], loss, rtol=1e-7)
 
 
 def test_sft_hand_case_and_empty_mask():
@@ -120,7 +124,7 @@ def test_kl_k3_matches_reference(shape):
 
 
 @pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("b,t", [(1, 5), (3, 8), (4, 2)])
+@pytest.mark.parametrize("b,t", [(1, 5), (3, 8)])
 def test_aggregate_matches_reference(agg, b, t):
     rng = np.random.default_rng(b * 10 + t)
     v = rng.standard_normal((b, t)).astype(np.float32)
@@ -133,8 +137,7 @@ def test_aggregate_matches_reference(agg, b, t):
 
 # ------------------------------------------------------------------------------------------ clipped surrogate
 @pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("b,t", [(2, 5), (4, 9)])
-@pytest.mark.parametrize("per_token_adv", [False, True])
+@pytest.mark.parametrize("b,t,per_token_adv", [(2, 5, False), (4, 9, True)])
 def test_clipped_surrogate_matches_reference(agg, b, t, per_token_adv):
     lp, lp_old, _, adv, mask = _text_batch(b, t, seed=b + t)
     if per_token_adv:
@@ -173,7 +176,7 @@ def test_clipped_surrogate_dr_grpo_max_len_and_log_ratio_clamp():
     big = lp_old + np.float32(200.0)
     loss, met = rl.clipped_surrogate(big, lp_old, -np.abs(adv), mask)
     assert np.isfinite(loss) and float(met["ratio_max"]) == pytest.approx(math.exp(20), rel=1e-5)
-    g = jax.grad(lambda x: rl.clipped_surrogate(x, lp_old, -np.abs(adv), mask)[0])(jnp.asarray(big))
+    g = jax.jit(jax.grad(lambda x: rl.clipped_surrogate(x, lp_old, -np.abs(adv), mask)[0]))(jnp.asarray(big))
     assert np.all(np.isfinite(g))
 
 
@@ -186,7 +189,8 @@ def test_clip_region_gradients_hand_computed():
     ones = np.ones((1, 3), np.float32)
 
     def grad_for(a):
-        return np.asarray(jax.grad(lambda x: rl.clipped_surrogate(x, zeros, np.array([a]), ones)[0])(jnp.asarray(lp)))
+        f = jax.jit(jax.grad(lambda x: rl.clipped_surrogate(x, zeros, np.array([a]), ones)[0]))
+        return np.asarray(f(jnp.asarray(lp)))
 
     g_pos = grad_for(1.0)
     np.testing.assert_allclose(g_pos, [[0.0, -1.0 / 3, -0.5 / 3]], rtol=1e-6, atol=1e-7)
@@ -195,8 +199,8 @@ def test_clip_region_gradients_hand_computed():
     np.testing.assert_allclose(g_neg, [[2.0 * 1.5 / 3, 2.0 / 3, 0.0]], rtol=1e-6, atol=1e-7)
     assert g_neg[0, 2] == 0.0  # clipped branch (A<0, ratio<1-eps): exactly zero
     # clip-higher: with eps_high=0.6 the first token (ratio 1.5) is no longer clipped
-    g_hi = np.asarray(jax.grad(lambda x: rl.clipped_surrogate(x, zeros, np.array([1.0]), ones, eps_high=0.6)[0])(
-        jnp.asarray(lp)))
+    f_hi = jax.jit(jax.grad(lambda x: rl.clipped_surrogate(x, zeros, np.array([1.0]), ones, eps_high=0.6)[0]))
+    g_hi = np.asarray(f_hi(jnp.asarray(lp)))
     np.testing.assert_allclose(g_hi[0, 0], -1.5 / 3, rtol=1e-6)
 
 
@@ -206,12 +210,16 @@ def test_clipped_surrogate_jit_vmap_and_masked_tokens_inert():
     eager = rl.clipped_surrogate(lp, lp_old, adv, mask)[0]
     np.testing.assert_allclose(f(lp, lp_old, adv, mask)[0], eager, rtol=1e-6)
     stacked = [np.stack([z, z]) for z in (lp, lp_old, adv, mask)]
-    out = jax.vmap(lambda *z: rl.clipped_surrogate(*z)[0])(*stacked)
+    out = jax.jit(jax.vmap(lambda *z: rl.clipped_surrogate(*z)[0]))(*stacked)
     np.testing.assert_allclose(out, [eager, eager], rtol=1e-6)
-    # garbage (even NaN-free huge) values under a zero mask change nothing
+    # garbage under a zero mask changes nothing: huge values (loss and gradient), NaN (loss value)
+    lp_nan = np.where(mask > 0, lp, np.nan).astype(np.float32)
+    loss_nan, met_nan = f(lp_nan, lp_old, adv, mask)
+    np.testing.assert_allclose(loss_nan, eager, rtol=1e-6)
+    assert all(np.isfinite(float(v)) for v in met_nan.values())
     lp2 = np.where(mask > 0, lp, 50.0).astype(np.float32)
-    np.testing.assert_allclose(rl.clipped_surrogate(lp2, lp_old, adv, mask)[0], eager, rtol=1e-6)
-    g = jax.grad(lambda x: rl.clipped_surrogate(x, lp_old, adv, mask)[0])(jnp.asarray(lp2))
+    np.testing.assert_allclose(f(lp2, lp_old, adv, mask)[0], eager, rtol=1e-6)
+    g = jax.jit(jax.grad(lambda x: rl.clipped_surrogate(x, lp_old, adv, mask)[0]))(jnp.asarray(lp2))
     assert np.all(np.asarray(g)[mask == 0] == 0)
 
 
@@ -256,7 +264,7 @@ def test_flow_grpo_loss_matches_reference(shape, masked):
     on = m > 0
     np.testing.assert_allclose(met["clip_frac"], (np.abs(ratio - 1) > 1e-4)[on].mean(), **TOL)
     np.testing.assert_allclose(met["approx_kl"], 0.5 * ((lp.astype(np.float64) - lp_old) ** 2)[on].mean(),
-                               rtol=1e-5, atol=1e-12)
+                               rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(met["ratio_min"], ratio[on].min(), **TOL)
 
 
@@ -267,10 +275,10 @@ def test_flow_grpo_loss_hand_case_and_gradient():
     loss, met = rl.flow_grpo_loss(lp, lp_old, np.array([10.0]), beta=0.0)
     assert float(loss) == pytest.approx(-5 * (1 + 1e-4), rel=1e-6)
     assert float(met["clip_frac"]) == 1.0 and float(met["kl"]) == 0.0
-    g = jax.grad(lambda x: rl.flow_grpo_loss(x, lp_old, np.array([10.0]), beta=0.0)[0])(jnp.asarray(lp))
+    g = jax.jit(jax.grad(lambda x: rl.flow_grpo_loss(x, lp_old, np.array([10.0]), beta=0.0)[0]))(jnp.asarray(lp))
     assert float(g[0]) == 0.0
     # inside the clip range the gradient is -A * rho / B
-    g = jax.grad(lambda x: rl.flow_grpo_loss(x, lp_old, np.array([2.0]), beta=0.0)[0])(jnp.zeros(1))
+    g = jax.jit(jax.grad(lambda x: rl.flow_grpo_loss(x, lp_old, np.array([2.0]), beta=0.0)[0]))(jnp.zeros(1))
     assert float(g[0]) == pytest.approx(-2.0, rel=1e-6)
     # KL only: mean((mu - mu_ref)^2) / (2 std^2) = (0.25 + 0) / 2 / (2 * 0.25) = 0.25
     mu = np.array([[0.5, 0.0]], np.float32)

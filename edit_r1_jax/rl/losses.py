@@ -2,7 +2,8 @@
 
 All functions compute in float32 (inputs are cast), contain no Python control flow on array values (jit-able;
 the string/option arguments are static), vmap over a leading extra axis, and are differentiable where a loss is.
-Masks are {0, 1} arrays of any numeric/bool dtype; a masked-out position contributes nothing, also not NaN.
+Masks are {0, 1} arrays of any numeric/bool dtype. Masked-out positions are excluded with `where`, so whatever
+they hold never reaches a loss value; keep them finite anyway, since a NaN there can still leak into gradients.
 
 PyTorch / reference counterparts: `sft_loss` <-> standard causal-LM CE on assistant tokens; `clipped_surrogate`,
 `kl_k3`, `aggregate` <-> TRL `GRPOTrainer._compute_loss` / Tunix `grpo_loss_fn` + `aggregate_loss`;
@@ -51,7 +52,7 @@ def token_log_probs(logits, targets, temperature: float = 1.0) -> jax.Array:
     logsumexp, so no [B, T, V] log-softmax is kept beyond the reduction.
     """
     z_btv = _f32(logits) / temperature
-    targets = jnp.asarray(targets)
+    targets = jnp.asarray(targets)  # ids outside [0, V) give NaN (JAX gather fill); mask them before calling
     _require_shape(targets, z_btv.shape[:-1], "token_log_probs", "targets")
     picked_bt = jnp.take_along_axis(z_btv, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked_bt - jax.nn.logsumexp(z_btv, axis=-1)
@@ -65,7 +66,7 @@ def sft_loss(logits, tokens, loss_mask) -> tuple[jax.Array, jax.Array]:
     Args:
       logits: [B, T, V] from the forward pass on all of `tokens` (position t predicts token t+1; the last position
         is dropped), or [B, T-1, V] already aligned with tokens[:, 1:].
-      tokens: [B, T] int token ids.
+      tokens: [B, T] int token ids. Ids at masked-out positions are never gathered (e.g. -100 or pad is fine).
       loss_mask: [B, T], 1 on tokens that are targets (assistant tokens), aligned with `tokens`.
     Returns:
       (loss scalar float32, number of target tokens float32). The loss is 0 when the mask is empty.
@@ -76,10 +77,11 @@ def sft_loss(logits, tokens, loss_mask) -> tuple[jax.Array, jax.Array]:
     if logits.ndim != 3 or logits.shape[0] != b or logits.shape[1] not in (t, t - 1):
         raise ValueError(f"sft_loss: `logits` must have shape ({b}, {t} or {t - 1}, V), got {tuple(logits.shape)}")
     logits_btv = logits[:, : t - 1] if logits.shape[1] == t else logits
-    lp_bt = token_log_probs(logits_btv, tokens[:, 1:])
     m_bt = _f32(loss_mask)[:, 1:]
+    on_bt = m_bt > 0
+    lp_bt = token_log_probs(logits_btv, jnp.where(on_bt, tokens[:, 1:], 0))
     count = m_bt.sum()
-    return -(lp_bt * m_bt).sum() / jnp.maximum(count, 1.0), count
+    return -jnp.where(on_bt, lp_bt * m_bt, 0.0).sum() / jnp.maximum(count, 1.0), count
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,9 +107,10 @@ def aggregate(values, mask, agg: str = "seq_mean_tok_mean", max_len: int | None 
       "dapo":              sum_{i,t} M v / num_tokens                   (token-mean over the global batch, e.g.
                            across gradient-accumulation steps); num_tokens defaults to max(sum M, 1)
     """
-    v = _f32(values)
     m = _f32(mask)
+    v = _f32(values)
     _require_shape(m, v.shape, "aggregate", "mask")
+    v = jnp.where(m > 0, v, 0.0)
     if agg == "seq_mean_tok_mean":
         return jnp.mean((v * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0))
     if agg == "token_mean":
@@ -126,7 +129,7 @@ def _masked_stats(x: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array, jax
     n = m.sum()
     has = n > 0
     on = m > 0
-    mean = jnp.where(has, (x * m).sum() / jnp.maximum(n, 1.0), 1.0)
+    mean = jnp.where(has, jnp.where(on, x * m, 0.0).sum() / jnp.maximum(n, 1.0), 1.0)
     lo = jnp.where(has, jnp.min(jnp.where(on, x, jnp.inf)), 1.0)
     hi = jnp.where(has, jnp.max(jnp.where(on, x, -jnp.inf)), 1.0)
     return mean, lo, hi
@@ -364,12 +367,15 @@ def flow_grpo_loss(
     _require_shape(m, lp.shape, "flow_grpo_loss", "mask")
     denom = jnp.maximum(m.sum(), 1.0)
 
+    def masked_mean(x_b):
+        return jnp.where(m > 0, x_b * m, 0.0).sum() / denom
+
     if adv_clip is not None:
         adv = jnp.clip(adv, -adv_clip, adv_clip)
     log_ratio = jnp.clip(lp - lp_old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
     per_sample = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range))
-    policy_loss = (per_sample * m).sum() / denom
+    policy_loss = masked_mean(per_sample)
 
     kl = jnp.zeros((), jnp.float32)
     if beta or (mean is not None and mean_ref is not None and std is not None):
@@ -384,13 +390,13 @@ def flow_grpo_loss(
         sq_b = jnp.mean((mu - mu_ref) ** 2, axis=tuple(range(1, mu.ndim)))
         noisy = s > 0
         kl_b = jnp.where(noisy, sq_b / (2.0 * jnp.where(noisy, s, 1.0) ** 2), 0.0)
-        kl = (kl_b * m).sum() / denom
+        kl = masked_mean(kl_b)
     loss = policy_loss + beta * kl
 
     sg = jax.lax.stop_gradient
     ratio_sg = sg(ratio)
     metrics = {"policy_loss": policy_loss, "kl": kl}
-    metrics["clip_frac"] = ((jnp.abs(ratio_sg - 1.0) > clip_range) * m).sum() / denom
+    metrics["clip_frac"] = masked_mean((jnp.abs(ratio_sg - 1.0) > clip_range).astype(jnp.float32))
     metrics["ratio_mean"], metrics["ratio_min"], metrics["ratio_max"] = _masked_stats(ratio_sg, m)
-    metrics["approx_kl"] = 0.5 * ((sg(lp - lp_old) ** 2) * m).sum() / denom
+    metrics["approx_kl"] = 0.5 * masked_mean(sg(lp - lp_old) ** 2)
     return loss, metrics
