@@ -1,0 +1,1 @@
+"""Data: the offline verifiable editing world (`synthetic`) and its tokenizer (`world_tokenizer`)."""

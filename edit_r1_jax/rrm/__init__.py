@@ -1,0 +1,1 @@
+"""Reasoning reward model (RRM) at work: prompts (`prompts`), robust output parsing (`parse`)."""
