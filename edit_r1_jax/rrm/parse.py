@@ -18,6 +18,8 @@ Rules (decisions c2 / e6):
   (1/1.0/true/yes -> 1, 0/0.0/false/no -> 0, anything else -> None), in order; with ``num_principles`` given the
   list is cut or padded with None to that length (verdicts are matched to the principles by position). A truncated
   list yields the entries that survived.
+* **truncation**: a number that runs into the end of the text (an average, or the value of an unterminated list
+  entry) is not trusted, since "0.6" cut to "0" would read as a different value.
 """
 from __future__ import annotations
 
@@ -88,6 +90,8 @@ def _find_average(text: str) -> tuple[float | None, int]:
     """(average normalised to [0, 1], start index) of the last average_score, or (None, -1)."""
     last = (None, -1)
     for m in _AVG_RE.finditer(text):
+        if m.end() == len(text):
+            continue  # the number runs into the end of the text: possibly truncated ("0.6" -> "0")
         try:
             v = float(m.group(1))
             if m.group(2) is not None:
@@ -135,13 +139,13 @@ def _find_points(text: str, end: int) -> tuple[list, list]:
         region = text[starts[-1]:region_end]
         for m in _OBJECT_RE.finditer(region):
             obj = m.group(0)
-            keys = _SCORE_KEY_RE.findall(obj) or _BARE_SCORE_KEY_RE.findall(obj)
+            keys = list(_SCORE_KEY_RE.finditer(obj)) or list(_BARE_SCORE_KEY_RE.finditer(obj))
             q = _QUESTION_RE.search(obj)
             if not keys and q is None:
                 continue
-            if not keys and not obj.endswith("}"):
-                break  # truncated inside the last entry, before its score
-            verdicts.append(_verdict(keys[-1]) if keys else None)
+            if not obj.endswith("}") and (not keys or keys[-1].end() == len(obj)):
+                break  # truncated inside the last entry, before its score or inside its value
+            verdicts.append(_verdict(keys[-1].group(1)) if keys else None)
             questions.append(_decode_question(q.group(1)) if q else None)
         if verdicts:
             return verdicts, questions
