@@ -135,12 +135,13 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
-def load_mapped(reader: SafetensorsReader, maps: Sequence[TensorMap], flax_shapes: Mapping[Path, Sequence[int]],
-                dtype, source: str, shardings: Mapping[Path, Any] | None = None,
+def load_mapped(reader: SafetensorsReader, maps: Sequence[TensorMap], shapes: Mapping[Path, Any], source: str,
+                shardings: Mapping[Path, Any] | None = None,
                 rename: Callable[[str], str] | None = None, ignore: Iterable[str] = (),
                 aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Read, check, convert, cast and place every mapped tensor; returns the nested params dict.
 
+    ``shapes``: flat {flax path: ShapeDtypeStruct} giving each leaf's shape and target dtype.
     ``rename``: checkpoint name -> canonical name (e.g. strip a legacy prefix). ``aliases``: canonical name ->
     alternative checkpoint name used when the canonical one is absent (e.g. T5 ``encoder.embed_tokens.weight``).
     ``ignore``: checkpoint names (after rename) that may be present without being used (buffers, tied copies).
@@ -152,15 +153,20 @@ def load_mapped(reader: SafetensorsReader, maps: Sequence[TensorMap], flax_shape
         if canon not in by_name and alt in by_name:
             by_name[canon] = by_name.pop(alt)
     actual = {k: reader.shape(v) for k, v in by_name.items()}
-    expected = expected_torch_shapes(maps, flax_shapes)
+    expected = expected_torch_shapes(maps, {p: s.shape for p, s in shapes.items()})
     check_tensors(expected, actual, source, ignore=set(ignore) | set((aliases or {}).values()))
-    np_dtype = np.dtype(dtype)
     flat = {}
     for m in maps:
         leaf = m.flax_path[-1]
-        arrays = [torch_to_flax(leaf, np.asarray(reader.get(by_name[n]))).astype(np_dtype) for n in m.torch_names]
-        host = np.stack(arrays) if m.stacked else arrays[0]
-        flat[m.flax_path] = _place(np.ascontiguousarray(host), None if shardings is None else shardings[m.flax_path])
+        np_dtype = np.dtype(shapes[m.flax_path].dtype)
+        host = np.empty(tuple(shapes[m.flax_path].shape), np_dtype)   # filled layer by layer: one host copy
+        for i, n in enumerate(m.torch_names):
+            w = torch_to_flax(leaf, np.asarray(reader.get(by_name[n])))
+            if m.stacked:
+                host[i] = w
+            else:
+                host[...] = w
+        flat[m.flax_path] = _place(host, None if shardings is None else shardings[m.flax_path])
     return unflatten(flat)
 
 

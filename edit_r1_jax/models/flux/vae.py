@@ -227,8 +227,7 @@ def load_vae(path: str, dtype=jnp.float32, mesh=None, rules=None) -> tuple[VAECo
     shapes = vae_param_shapes(cfg, dtype)
     shardings = None if mesh is None else conv.shardings_for(param_logical_axes(cfg), shapes, mesh, rules)
     reader = conv.open_reader(folder, DIFFUSERS_BASENAME)
-    flat_shapes = {p: s.shape for p, s in conv.flatten(shapes).items()}
-    params = conv.load_mapped(reader, vae_tensor_maps(cfg), flat_shapes, dtype, source=folder, shardings=shardings)
+    params = conv.load_mapped(reader, vae_tensor_maps(cfg), conv.flatten(shapes), source=folder, shardings=shardings)
     return cfg, params
 
 
