@@ -377,13 +377,15 @@ def param_shardings(cfg: FluxTransformerConfig, mesh: Mesh, rules=None) -> dict:
 
 def forward_with_rope(cfg: FluxTransformerConfig, params: dict, hidden_states, encoder_hidden_states,
                       pooled_projections, timestep, cos, sin, guidance=None, *, lora: dict | None = None,
-                      out_len: int | None = None, mesh: Mesh | None = None, rules=None) -> Array:
+                      lora_scale: float = 1.0, out_len: int | None = None, mesh: Mesh | None = None,
+                      rules=None) -> Array:
     """Core forward given RoPE tables (cos, sin [S_txt+S_img, head_dim/2]); see `transformer_forward`."""
+    from edit_r1_jax.models.lora import scale_lora
     mesh = _mesh_of(params) if mesh is None else mesh
     rules = parallel.DEFAULT_RULES if rules is None else tuple(rules)
     variables = {"params": params}
     if lora:
-        variables["lora"] = lora
+        variables["lora"] = scale_lora(lora, lora_scale)
     timestep = jnp.asarray(timestep)
     if timestep.ndim == 0:
         timestep = jnp.broadcast_to(timestep, (hidden_states.shape[0],))
@@ -404,7 +406,7 @@ def _apply(cfg, mesh, rules, out_len, variables, hidden_states, encoder_hidden_s
 
 def transformer_forward(tcfg: FluxTransformerConfig, tparams: dict, hidden_states, encoder_hidden_states,
                         pooled_projections, timestep, img_ids, txt_ids, guidance=None, *, lora: dict | None = None,
-                        mesh: Mesh | None = None, rules=None) -> Array:
+                        lora_scale: float = 1.0, mesh: Mesh | None = None, rules=None) -> Array:
     """Same semantics as diffusers `FluxTransformer2DModel.forward(..., return_dict=False)[0]`.
 
     hidden_states [B, S_img, in_channels] (Kontext: target tokens then reference tokens), encoder_hidden_states
@@ -412,7 +414,8 @@ def transformer_forward(tcfg: FluxTransformerConfig, tparams: dict, hidden_state
     1000 inside), img_ids [S_img, 3], txt_ids [S_txt, 3] (a leading batch dim is dropped, as diffusers does),
     guidance [B] or None. Returns the velocity [B, S_img, out_channels] in tcfg.dtype.
 
-    lora: optional adapter tree (models/lora.py `lora_variables`), applied inside each adapted Dense.
+    lora, lora_scale: optional adapter tree (models/lora.py `init_lora`) and its scale alpha/r, applied inside each
+    adapted Dense as (x A)(scale B); the base params are not modified.
     mesh: apply activation sharding constraints on this mesh (default: the mesh of sharded params, if any).
     """
     img_ids = img_ids[0] if np.ndim(img_ids) == 3 else img_ids
@@ -428,4 +431,4 @@ def transformer_forward(tcfg: FluxTransformerConfig, tparams: dict, hidden_state
                          f"{tuple(np.shape(hidden_states))}")
     cos, sin = rope_from_ids(ids, tcfg.axes_dims_rope, tcfg.theta)
     return forward_with_rope(tcfg, tparams, hidden_states, encoder_hidden_states, pooled_projections, timestep, cos,
-                             sin, guidance, lora=lora, mesh=mesh, rules=rules)
+                             sin, guidance, lora=lora, lora_scale=lora_scale, mesh=mesh, rules=rules)
