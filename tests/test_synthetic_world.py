@@ -269,3 +269,25 @@ def test_pixel_verifier_agrees_with_scene_graph_verifier_at_112():
 def test_pixel_verifier_agrees_mostly_at_64():
     agree, total = _agreement(64, 25, seed=22)
     assert agree / total >= 0.97    # measured: 5 / 2220 disagreements (small noisy/blurred shapes)
+
+
+def test_pixel_verifier_on_arbitrary_images():
+    """Generated images are not renders: any RGB(A) image of any size gives a valid judgement, never an error."""
+    rng = np.random.default_rng(0)
+    ins = CASES["colour"][0]
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), np.zeros((48, 40, 3), np.uint8),
+              np.full((7, 7, 4), 255, np.uint8), rng.random((32, 32, 3)).astype(np.float32),
+              render(SRC, 96).astype(np.float64) / 255.0, render(SRC, 64).astype(np.float32)]
+    # a mildly corrupted correct edit (what a half-trained editor produces): still judged sensibly
+    good = render(_with(SRC, dataclasses.replace(RED, colour="yellow")), 112).astype(np.float64)
+    images.append(np.clip(good + rng.normal(0, 6, good.shape), 0, 255).astype(np.uint8))
+    for img in images:
+        got = S.judge(SRC, ins, img)
+        assert 0.0 <= got["score"] <= 10.0 and set(got["verdicts"]) <= {0, 1}
+        assert len(got["verdicts"]) == len(CASES["colour"][1])
+    assert S.judge(SRC, ins, images[-1])["verdicts"][:2] == [1, 1]
+    assert S.gold_score(SRC, ins, render(SRC, 96).astype(np.float64) / 255.0) == 0.0     # float [0, 1] works
+    with pytest.raises(ValueError, match="negative"):
+        S.judge(SRC, ins, good / 127.5 - 1.0)
+    with pytest.raises(ValueError, match="HWC"):
+        S.judge(SRC, ins, np.zeros((8, 8), np.uint8))

@@ -13,8 +13,9 @@ every object of the world lives in its own cell of a 3x3 grid, perception is per
    core is a patch (a half-done recolour); the object's coverage per pixel is then d_bg / (d_obj + d_bg) from the
    colour distances to the background and to the object's colour(s) (1 inside, 1/2 on a half-covered edge pixel,
    0 on background; this keeps the area right when edges are soft);
-5. artefact: "noise" if the noise is above `NOISE_THRESHOLD`; otherwise "blur" if the pixels that mix object and background colour (mixing 0.2-0.8) exceed `BLUR_THRESHOLD` per
-   object-perimeter pixel (a sharp anti-aliased edge leaves about one per edge pixel, a blurred one several).
+5. artefact: "noise" if the noise is above `NOISE_THRESHOLD`; otherwise "blur" if the pixels that mix object and
+   background colour (mixing 0.2-0.8) exceed `BLUR_THRESHOLD` per object-perimeter pixel (a sharp anti-aliased
+   edge leaves about one per edge pixel, a blurred one several).
    With blur the core is eroded further before reading the colours (blurred rims are not patches);
 6. shape and size = the template (4 shapes x 3 sizes, anti-aliased, centred on the coverage centroid; blurred like
    the image when blur was found) with the highest soft IoU against the coverage.
@@ -29,7 +30,7 @@ import numpy as np
 
 from edit_r1_jax.data.synthetic_principles import ObjView, View
 from edit_r1_jax.data.synthetic_scene import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZE_RADIUS, SIZES,
-                                              STRIPE_SHADE, _gaussian_blur, blur_sigma, cell_centre, shape_mask)
+                                              STRIPE_SHADE, blur_sigma, cell_centre, gaussian_blur, shape_mask)
 
 MIN_AREA_FRACTION = 0.25      # of the smallest object's area (small triangle)
 PATCH_FRACTION = 0.12         # of the object core
@@ -51,6 +52,9 @@ def _as_uint8_image(image) -> np.ndarray:
         raise ValueError(f"perceive: expected an HWC RGB(A) image, got shape {img.shape}")
     img = img[..., :3]
     if np.issubdtype(img.dtype, np.floating):
+        if img.size and float(img.min()) < -1e-3:
+            raise ValueError(f"perceive: float image has negative values (min {float(img.min()):.3f}); expected "
+                             f"[0, 1] or [0, 255] (map a [-1, 1] decoder output with (x + 1) / 2 first)")
         scale = 255.0 if img.max(initial=0.0) <= 1.0 + 1e-6 else 1.0
         img = np.clip(np.rint(img * scale), 0, 255)
     return img.astype(np.uint8)
@@ -140,7 +144,7 @@ def _match_template(alpha: np.ndarray, y0: int, x0: int, h: int, w: int, sigma: 
             r = SIZE_RADIUS[size]
             cov = _template(shape, size, cx - ox * r, cy - oy * r, gx, gy)
             if sigma > 0:
-                cov = _gaussian_blur(cov[..., None], sigma)[..., 0]
+                cov = gaussian_blur(cov[..., None], sigma)[..., 0]
             iou = np.minimum(cov, alpha).sum() / max(np.maximum(cov, alpha).sum(), 1e-6)
             if iou > best[2]:
                 best = (shape, size, float(iou))

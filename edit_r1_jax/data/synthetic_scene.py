@@ -204,7 +204,8 @@ def _grid(n: int) -> np.ndarray:
     return (np.arange(n, dtype=np.float64) + 0.5) / n
 
 
-def _gaussian_blur(img_hwc: np.ndarray, sigma: float) -> np.ndarray:
+def gaussian_blur(img_hwc: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an [H, W, C] float array (edge padding)."""
     radius = max(1, int(np.ceil(3 * sigma)))
     k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     k /= k.sum()
@@ -219,6 +220,7 @@ def _gaussian_blur(img_hwc: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def blur_sigma(size: int) -> float:
+    """Std (pixels) of the "blur" artefact for an image side of ``size``."""
     return max(1.4, size / 70.0)
 
 
@@ -246,7 +248,7 @@ def render(scene: Scene | dict, size: int = DEFAULT_SIZE) -> np.ndarray:
             box[patch] = OBJECT_COLOURS[obj.patch]
     img = img.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))   # box downsample -> [H, W, 3]
     if scene.artefact == "blur":
-        img = _gaussian_blur(img, blur_sigma(size))
+        img = gaussian_blur(img, blur_sigma(size))
     elif scene.artefact == "noise":
         rng = np.random.default_rng([int(scene.seed), 7919])
         img = img + rng.normal(0.0, NOISE_STD, size=img.shape)
