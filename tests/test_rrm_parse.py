@@ -142,7 +142,8 @@ def test_parse_principles():
                                       {"question": "Is the table unchanged?", "category": "Keep"},
                                       {"question": "Sharp?", "category": "Quality"}]
     assert parse_principles("[{'question': 'A?', 'category': 'Follow'}]") == [{"question": "A?", "category": "Follow"}]
-    loose = '{"question": "A?", "category": "Follow"} and {"question": "B?", "category": "Keep"} {"question": "C?", "cat'
+    loose = ('{"question": "A?", "category": "Follow"} and {"question": "B?", "category": "Keep"} '
+             '{"question": "C?", "cat')
     assert parse_principles(loose) == [{"question": "A?", "category": "Follow"}, {"question": "B?", "category": "Keep"}]
     assert parse_principles("no json here") is None and parse_principles(None) is None
 

@@ -67,7 +67,8 @@ def test_assistant_output_layout_and_round_trip():
                     '{"average_score": 0.5}\n<score>4.5</score>')
     r = parse.parse(out, 2)
     assert (r.status, r.score, r.verdicts, r.average) == ("ok", 4.5, [1, 0], 0.5)
-    assert prompts.format_assistant_output("", None, [1, 1, 0], 7) == '[1, 1, 0]\n{"average_score": 0.67}\n<score>7</score>'
+    bare = prompts.format_assistant_output("", None, [1, 1, 0], 7)
+    assert bare == '[1, 1, 0]\n{"average_score": 0.67}\n<score>7</score>'
 
 
 @pytest.mark.parametrize("bad", [dict(verdicts=[2]), dict(score=11), dict(score=-1)])

@@ -27,7 +27,7 @@ import numpy as np
 
 from edit_r1_jax.data.synthetic_edits import apply_edit, apply_instruction, free_colours, touched_cells
 from edit_r1_jax.data.synthetic_principles import view_of_scene
-from edit_r1_jax.data.synthetic_scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, Obj, Scene
+from edit_r1_jax.data.synthetic_scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, Scene
 
 FAILURE_KINDS = ("wrong_object", "wrong_colour", "wrong_shape", "wrong_position", "wrong_size", "partial",
                  "collateral", "noop", "noise", "blur")

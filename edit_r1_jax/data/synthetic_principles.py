@@ -204,7 +204,8 @@ def make_principles(scene: Scene, instruction: dict, rng: np.random.Generator | 
                "Are there no new objects besides the requested ones?")
     quality = [_p("Quality", {"kind": "clean"}, "Is the image free of noise, blur and other artefacts?",
                   "Is the edited image clean and sharp?"),
-               _p("Quality", {"kind": "intact"}, "Are all shapes whole and evenly coloured, without half-painted parts?",
+               _p("Quality", {"kind": "intact"},
+                  "Are all shapes whole and evenly coloured, without half-painted parts?",
                   "Is every shape drawn in one solid colour?")]
     follow = [p for p in pre if p["category"] == "Follow"]
     keep = [p for p in pre if p["category"] == "Keep"] + keeps

@@ -15,7 +15,7 @@ import numpy as np
 
 from edit_r1_jax.data.synthetic_perception import expected_cell_box
 from edit_r1_jax.data.synthetic_principles import View
-from edit_r1_jax.data.synthetic_scene import CELL_NAMES, Scene
+from edit_r1_jax.data.synthetic_scene import CELL_NAMES
 from edit_r1_jax.rrm.prompts import format_assistant_output, format_number
 
 STYLES = ("full", "compact", "minimal")
