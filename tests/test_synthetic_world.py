@@ -260,9 +260,10 @@ def _agreement(size, n, seed):
     return agree, total
 
 
+@pytest.mark.slow
 def test_pixel_verifier_agrees_with_scene_graph_verifier_at_112():
-    agree, total = _agreement(112, 25, seed=21)
-    assert total > 150
+    agree, total = _agreement(112, 20, seed=21)
+    assert total > 120
     assert agree == total          # measured: 0 / 2220 disagreements over 300 items
 
 
