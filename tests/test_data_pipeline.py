@@ -137,7 +137,6 @@ def _sft(i):
             "target": f"ok <score>{i}</score>", "gold_score": float(i), "verdicts": [1, i % 2]}
 
 
-@pytest.mark.slow
 def test_tfds_array_record_builders_round_trip(tmp_path):
     from edit_r1_jax.data import tfds_builders as TB
     recs = [_sft(i) for i in range(5)]

@@ -79,3 +79,60 @@ def tokenize(record):
     """A record -> per-example arrays; 'tokens' and 'mask' have the sequence as their first axis."""
     t = np.asarray(record["tokens"], np.int32)
     return {"tokens": t, "mask": np.ones_like(t), "id": np.int32(record["id"])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the generic loop on the toy task, as a script (subprocess tests: SIGKILL / SIGTERM / resume)
+
+def toy_config(steps: int = 6, checkpoint_every: int = 2, mesh=(2, 2, 2), **train):
+    import ml_collections
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = dict(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+    c.sharding = dict(rules=None)
+    c.train = dict(steps=steps, lr=1e-2, warmup_steps=1, global_batch_size=8, grad_clip=1.0, weight_decay=0.01,
+                   log_every=1, checkpoint_every=checkpoint_every, keep_checkpoints=3, eval_every=0,
+                   max_consecutive_nonfinite=3, grad_accum_steps=1)
+    c.train.update(train)
+    c.data = dict(length_buckets=(16,), pad_to_multiple=8, num_threads=1, prefetch=2)
+    return c
+
+
+def toy_task(num_records: int = 40, on_step=None, loss=None):
+    from edit_r1_jax.train.generic_loop import Task
+    return Task(init_params=init_params, loss_fn=loss or loss_fn, train_source=make_records(num_records),
+                tokenize_fn=tokenize, pad_values={"tokens": 0, "mask": 0}, on_step=on_step,
+                tokens_in_batch=lambda b: float(b["mask"].sum()))
+
+
+def flat_params(params) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _main(argv=None):
+    import argparse
+    import time
+    from edit_r1_jax.train.generic_loop import train
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workdir")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--checkpoint-every", type=int, default=2)
+    ap.add_argument("--sleep-from", type=int, default=10**9, help="sleep after every step >= this")
+    ap.add_argument("--sleep", type=float, default=0.0)
+    args = ap.parse_args(argv)
+
+    def on_step(step, m):
+        print(f"STEP {step} loss={None if m is None else m.get('loss')}", flush=True)
+        if step >= args.sleep_from:
+            time.sleep(args.sleep)
+    res = train(toy_config(args.steps, args.checkpoint_every), args.workdir, toy_task(on_step=on_step))
+    np.savez(f"{args.workdir}/final_params_{res.step}.npz", **flat_params(res.state.params))
+    print(f"RESULT stopped={res.stopped} step={res.step} resumed_from={res.resumed_from}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+    raise SystemExit(_main())

@@ -274,16 +274,33 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
 
 
-def create_sharded_state(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, mesh: Mesh,
-                         rules: Iterable[tuple[str, Any]] | None = None, *, rng: jax.Array,
-                         param_logical_axes: Any = None) -> tuple[TrainState, TrainState]:
-    """Initialise a TrainState directly sharded (never materialised on one device).
+@dataclasses.dataclass
+class StatePlan:
+    """Everything known about a sharded TrainState before any array exists.
 
-    ``init_params_fn(key) -> params``: may return Flax-boxed params (``nn.with_logical_partitioning``); their logical
-    axes are then read from the boxes unless ``param_logical_axes`` is given. ``rng``: raw uint32[2] key; the params
-    key is ``fold_in(rng, 0)`` and the state keeps ``fold_in(rng, 1)``.
-    Returns ``(state, shardings)``; ``shardings`` is a TrainState of NamedShardings for ``make_train_step`` and
-    checkpoint restore.
+    abstract   TrainState of ShapeDtypeStructs (with ``tx``)
+    shardings  TrainState of NamedShardings (for ``make_train_step`` and restore targets)
+    init       () -> TrainState, jitted with ``out_shardings=shardings`` (params initialised in place, sharded)
+    """
+    abstract: TrainState
+    shardings: TrainState
+    init: Callable[[], TrainState]
+    mesh: Mesh
+
+    def restore_target(self) -> TrainState:
+        """ShapeDtypeStructs with this plan's shardings: what Orbax restores into (any source mesh)."""
+        return abstract_with_shardings(self.abstract, self.shardings)
+
+
+def plan_sharded_state(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, mesh: Mesh,
+                       rules: Iterable[tuple[str, Any]] | None = None, *, rng: jax.Array,
+                       param_logical_axes: Any = None) -> StatePlan:
+    """Shapes and shardings of the TrainState that ``init_params_fn`` and ``tx`` define, plus its sharded init.
+
+    ``init_params_fn(key) -> params`` may return Flax-boxed params (``nn.with_logical_partitioning``); their logical
+    axes are then read from the boxes unless ``param_logical_axes`` is given. ``rng``: raw uint32[2] key; params are
+    initialised with ``fold_in(rng, 0)`` and the state keeps ``fold_in(rng, 1)``. Nothing is computed until
+    ``plan.init()`` is called, so a resumed run never pays for an init it throws away.
     """
     rng = jnp.asarray(rng)
 
@@ -296,6 +313,21 @@ def create_sharded_state(init_params_fn: Callable[[jax.Array], Any], tx: optax.G
         param_logical_axes = nn.get_partition_spec(boxed)
     abstract = jax.eval_shape(init, rng)
     shardings = state_shardings(abstract, param_logical_axes, mesh, rules)
-    with mesh:
-        state = jax.jit(init, out_shardings=shardings)(rng)
-    return state, shardings
+    jitted = jax.jit(init, out_shardings=shardings)
+
+    def run_init():
+        with mesh:
+            return jitted(rng)
+    return StatePlan(abstract=abstract, shardings=shardings, init=run_init, mesh=mesh)
+
+
+def create_sharded_state(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, mesh: Mesh,
+                         rules: Iterable[tuple[str, Any]] | None = None, *, rng: jax.Array,
+                         param_logical_axes: Any = None) -> tuple[TrainState, TrainState]:
+    """Initialise a TrainState directly sharded (never materialised on one device); see ``plan_sharded_state``.
+
+    Returns ``(state, shardings)``; ``shardings`` is a TrainState of NamedShardings for ``make_train_step`` and
+    checkpoint restore.
+    """
+    plan = plan_sharded_state(init_params_fn, tx, mesh, rules, rng=rng, param_logical_axes=param_logical_axes)
+    return plan.init(), plan.shardings
