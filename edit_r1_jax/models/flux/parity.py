@@ -47,8 +47,8 @@ def _byte_vocab() -> dict[str, int]:
 
 
 def torch_kontext_pipeline(seed: int = 0, latent_channels: int = 4):
-    """A complete tiny diffusers FluxKontextPipeline (VAE with one block -> vae_scale_factor 1, so latents have
-    the image's spatial size and the pipeline works on 16-pixel multiples of 2 latent pixels).
+    """A complete tiny diffusers FluxKontextPipeline. The VAE has two blocks (vae_scale_factor 2), so sizes are
+    multiples of 4 pixels and an HxW image has (H/4)(W/4) packed tokens.
 
     transformer in_channels = 4 * latent_channels (2x2 packing)."""
     import torch
@@ -56,7 +56,9 @@ def torch_kontext_pipeline(seed: int = 0, latent_channels: int = 4):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
     torch.manual_seed(seed)
     tr = torch_transformer(seed, in_channels=4 * latent_channels, joint_attention_dim=32, pooled_projection_dim=32)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1,
                         latent_channels=latent_channels, norm_num_groups=4, use_quant_conv=False,
                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
     clip = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
