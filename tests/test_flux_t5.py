@@ -138,7 +138,7 @@ def test_save_load_round_trip_through_transformers(tiny, batch, tmp_path, highes
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
 
 
-def test_bf16_sharded_embed_tokens_alias_and_mesh(tiny, batch, tmp_path):
+def test_bf16_sharded_embed_tokens_alias_and_mesh(tiny, batch, tmp_path, highest_precision):
     _, d, cfg, params = tiny
     reader = SafetensorsReader(d)
     tensors = {k: np.array(reader.get(k)).astype(jnp.bfloat16) for k in reader.keys()}
