@@ -209,3 +209,15 @@ def test_load_tokenizers_from_pipeline_dir(tmp_path):
     os.rename(tmp_path / "tokenizer_2", tmp_path / "t2")
     with pytest.raises(FileNotFoundError, match="tokenizer_2"):
         load_tokenizers(str(tmp_path))
+
+
+def test_clip_l14_param_count_matches_transformers():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    c = fclip.CLIPTextConfig()
+    with torch.device("meta"):
+        ref = CLIPTextModel(CLIPTextConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                                           intermediate_size=c.intermediate_size, num_hidden_layers=12,
+                                           num_attention_heads=12, max_position_embeddings=77, projection_dim=768))
+    n_ref = sum(p.numel() for p in ref.parameters())
+    n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(fclip.clip_param_shapes(c)))
+    assert n == n_ref == 123_060_480

@@ -188,3 +188,13 @@ def test_init_matches_loaded_structure(tiny):
     _, _, cfg, params = tiny
     init = ft5.init_t5(cfg, jax.random.key(0))
     assert jax.tree.map(lambda x: x.shape, init) == jax.tree.map(lambda x: x.shape, params)
+
+
+def test_t5_v1_1_xxl_param_count_matches_transformers():
+    from transformers import T5Config, T5EncoderModel
+    with torch.device("meta"):
+        ref = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                      num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    n_ref = sum(p.numel() for p in ref.parameters())
+    n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(ft5.t5_param_shapes(ft5.T5Config())))
+    assert n == n_ref == 4_762_310_656
