@@ -26,8 +26,11 @@ TESTS = os.path.join(ROOT, "tests")
 
 
 def _env(cache_dir):
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ)   # inherits conftest's XLA_FLAGS: subprocesses compile exactly like this process
+    flags = env.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in flags:
+        flags += " --xla_force_host_platform_device_count=8"
+    env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")]),
                JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONUNBUFFERED="1")

@@ -121,13 +121,22 @@ def _main(argv=None):
     ap.add_argument("--sleep-from", type=int, default=10**9, help="sleep after every step >= this")
     ap.add_argument("--sleep", type=float, default=0.0)
     args = ap.parse_args(argv)
+    from edit_r1_jax import parallel
+    parallel.maybe_initialize_distributed()   # no-op unless launched by launchers/local_multiprocess.sh
 
     def on_step(step, m):
         print(f"STEP {step} loss={None if m is None else m.get('loss')}", flush=True)
         if step >= args.sleep_from:
             time.sleep(args.sleep)
     res = train(toy_config(args.steps, args.checkpoint_every), args.workdir, toy_task(on_step=on_step))
-    np.savez(f"{args.workdir}/final_params_{res.step}.npz", **flat_params(res.state.params))
+    if jax.process_index() == 0:
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(res.state.params, tiled=True) if jax.process_count() > 1 \
+            else res.state.params
+        np.savez(f"{args.workdir}/final_params_{res.step}.npz", **flat_params(params))
+    elif jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.process_allgather(res.state.params, tiled=True)
     print(f"RESULT stopped={res.stopped} step={res.step} resumed_from={res.resumed_from}", flush=True)
     return 0
 

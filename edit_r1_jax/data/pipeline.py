@@ -1,21 +1,25 @@
-"""Grain input pipeline: per-process shard -> seeded shuffle -> repeat -> tokenize -> pad to length buckets -> batch.
+"""Grain input pipeline: seeded global shuffle -> repeat -> this process's rows -> tokenize -> pad to buckets -> batch.
 
     source (random access: list, formats.JsonlSource, tfds_builders.TfdsRecords)
-      -> this process's shard: records p, p + P, p + 2P, ... (P = process count; equal sizes on every process)
-      -> shuffle(seed) (a new permutation every epoch) -> repeat(num_epochs; None = forever)
-      -> tokenize_fn(record) -> dict of numpy arrays
-      -> batch of global_batch_size / P rows; keys in ``pad_values`` have the sequence as their first axis and are
-         padded with their pad value to one length per batch: the smallest of ``length_buckets`` that fits (or the
-         longest row rounded up to ``pad_to_multiple``), so the jitted step sees a few shapes only
+      -> shuffle(seed) over the whole source (a new permutation every epoch) -> repeat(num_epochs; None = forever)
+      -> the stream is cut into global batches of ``global_batch_size`` rows; process p of P reads only rows
+         [p*B/P, (p+1)*B/P) of each global batch (B/P = the per-process batch)
+      -> tokenize_fn(record) -> dict of numpy arrays (only this process's rows are loaded and tokenized)
+      -> batch; keys in ``pad_values`` have the sequence as their first axis and are padded with their pad value
+         to one length per batch: the smallest of ``length_buckets`` that fits (or the longest row rounded up to
+         ``pad_to_multiple``), so the jitted step sees a few shapes only
       -> grain IterDataset; ``it = iter(ds)``, ``it.get_state()`` / ``it.set_state(s)`` checkpoint the position.
 
-Every process builds the same pipeline with its own ``process_index``; all shards have the same length, so all
-processes take the same number of steps and their iterator states are identical (``{"next_index": k}``), which is
-why one JSON copy in the checkpoint suffices. Different processes may pick different bucket lengths for the same
-step: ``global_batch`` agrees on the longest (one tiny all-gather) before assembling the global ``jax.Array``.
+Because every process walks the same global stream, the global batch (the local slices in process order, which is
+how ``jax.make_array_from_process_local_data`` lays them out on the ('data','fsdp') axes) is the same for any
+number of processes: a 2-process run sees exactly the batches of a 1-process run, and a checkpoint written with
+P processes resumes the same data order with any other count. All processes take the same number of steps and
+their iterator states are identical (``{"next_index": k}``), so one JSON copy in the checkpoint suffices.
+Different processes may pick different bucket lengths for the same step: ``global_batch`` agrees on the longest
+(one tiny all-gather) before assembling the global ``jax.Array``.
 
-With ``drop_remainder=False`` (evaluation: one pass, nothing dropped) the shards are padded to equal length with
-empty rows and every batch carries ``valid`` (bool[B]): False for padding rows, which losses and metrics must mask.
+With ``drop_remainder=False`` (evaluation: one pass, nothing dropped) the last global batch is filled with empty
+rows and every batch carries ``valid`` (bool[B]): False for padding rows, which losses and metrics must mask.
 """
 from __future__ import annotations
 
@@ -31,25 +35,29 @@ from edit_r1_jax import parallel
 VALID_KEY = "valid"
 
 
-class ProcessShard:
-    """Records ``p, p + P, ...`` of ``source``. ``pad=False``: every shard has ``len // P`` records (the tail is
-    dropped); ``pad=True``: ``ceil(len / P)``, missing ones are ``None`` (padding rows)."""
+class LocalRows:
+    """Process ``p``'s rows of every global batch of ``stream`` (random access). Row ``i`` of this view is row
+    ``i % L`` of this process's slice of global batch ``i // L`` (L = per-process batch). ``pad=True``: the last
+    global batch is completed with ``None`` rows (padding); ``pad=False``: an incomplete last batch is dropped."""
 
-    def __init__(self, source: Any, process_index: int, process_count: int, pad: bool):
+    def __init__(self, stream: Any, global_batch_size: int, process_index: int, process_count: int, pad: bool):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-        self.source, self.p, self.n_proc = source, process_index, process_count
-        n = len(source)
-        self.length = math.ceil(n / process_count) if pad else n // process_count
-        if self.length == 0:
-            raise ValueError(f"data: {n} records cannot feed {process_count} processes (each needs at least one)")
+        self.stream, self.g, self.p = stream, int(global_batch_size), int(process_index)
+        self.local = per_process_batch_size(global_batch_size, process_count)
+        n = len(stream)
+        n_batches = -(-n // self.g) if pad else n // self.g
+        if n_batches == 0:
+            raise ValueError(f"data: {n} records are fewer than one global batch of {self.g} "
+                             f"(use fewer rows per batch or drop_remainder=False)")
+        self.length = n_batches * self.local
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> Any:
-        j = i * self.n_proc + self.p
-        return self.source[j] if j < len(self.source) else None
+        j = (i // self.local) * self.g + self.p * self.local + i % self.local
+        return self.stream[j] if j < len(self.stream) else None
 
 
 class Tokenize:
@@ -150,7 +158,8 @@ def make_pipeline(source: Any, *, tokenize_fn: Callable[[Any], Mapping[str, Any]
                   pad_values: Mapping[str, Any] | None = None, length_buckets: Sequence[int] | None = None,
                   pad_to_multiple: int = 8, drop_remainder: bool = True, process_index: int | None = None,
                   process_count: int | None = None, num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
-    """Build the pipeline described in the module docstring; returns a grain ``IterDataset`` of batch dicts.
+    """Build the pipeline described in the module docstring; returns a grain ``IterDataset`` of batch dicts with
+    ``global_batch_size / process_count`` rows (this process's slice of the global batch).
 
     ``source``: random-access records. ``tokenize_fn(record) -> {key: array}``. ``pad_values``: {key: pad value}
     for keys whose first axis is the sequence (e.g. ``{"tokens": pad_id, "loss_mask": 0}``). ``num_epochs=None``
@@ -161,30 +170,24 @@ def make_pipeline(source: Any, *, tokenize_fn: Callable[[Any], Mapping[str, Any]
     local_bs = per_process_batch_size(global_batch_size, process_count)
     if len(source) == 0:
         raise ValueError("data: the record source is empty")
-    shard = ProcessShard(source, process_index, process_count, pad=not drop_remainder)
-    ds = grain.MapDataset.source(shard)
+    stream = grain.MapDataset.source(source)
     if shuffle:
-        ds = ds.shuffle(seed=int(seed) % 2**32)
+        stream = stream.shuffle(seed=int(seed) % 2**32)
     if num_epochs != 1:
-        ds = ds.repeat(num_epochs)
+        stream = stream.repeat(num_epochs)
+    rows = LocalRows(stream, global_batch_size, process_index, process_count, pad=not drop_remainder)
     tok = Tokenize(tokenize_fn)
-    ds = ds.map(tok)
-    template = None
-    if not drop_remainder:
-        template = tok(source[0])
+    ds = grain.MapDataset.source(rows).map(tok)
+    template = tok(source[0]) if not drop_remainder else None
     collate = PadCollate(local_bs, pad_values or {}, length_buckets, pad_to_multiple, template,
                          with_valid=not drop_remainder)
-    ds = ds.batch(local_bs, drop_remainder=drop_remainder, batch_fn=collate)
+    ds = ds.batch(local_bs, drop_remainder=True, batch_fn=collate)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 
 
-def num_batches(num_records: int, global_batch_size: int, drop_remainder: bool, process_count: int | None = None
-                ) -> int:
-    """Batches per epoch on every process."""
-    process_count = jax.process_count() if process_count is None else process_count
-    local_bs = per_process_batch_size(global_batch_size, process_count)
-    per_proc = math.ceil(num_records / process_count) if not drop_remainder else num_records // process_count
-    return per_proc // local_bs if drop_remainder else math.ceil(per_proc / local_bs)
+def num_batches(num_records: int, global_batch_size: int, drop_remainder: bool) -> int:
+    """Batches per epoch (the same on every process, for any process count)."""
+    return -(-num_records // global_batch_size) if not drop_remainder else num_records // global_batch_size
 
 
 def agree_lengths(local_batch: Mapping[str, np.ndarray], pad_values: Mapping[str, Any]) -> dict:

@@ -84,7 +84,7 @@ class LoopResult:
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
-    return state_lib._cfg_get(cfg, key, default)  # noqa: SLF001 - shared config accessor
+    return state_lib.cfg_get(cfg, key, default)
 
 
 def train(config: Any, workdir: str, task: Task) -> LoopResult:

@@ -68,7 +68,8 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------------------------
 # config access that works for ml_collections.ConfigDict, plain dicts and objects
 
-def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
+def cfg_get(cfg: Any, key: str, default: Any) -> Any:
+    """``cfg[key]`` for ConfigDicts, dicts and objects; ``default`` when missing or None."""
     if cfg is None:
         return default
     if isinstance(cfg, dict) or hasattr(cfg, "get"):
@@ -78,6 +79,9 @@ def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
             val = default
         return default if val is None else val
     return getattr(cfg, key, default)
+
+
+_cfg_get = cfg_get
 
 
 # ----------------------------------------------------------------------------------------------------------------
