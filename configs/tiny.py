@@ -1,6 +1,6 @@
 """tiny: every command on a laptop CPU in seconds, random tiny models and synthetic data.
 
-Runs on: CPU (any number of devices; the mesh fills the data axis). Time: seconds per command.
+Runs on: CPU (any number of devices; the mesh fills the data axis). Time: seconds to a minute per command.
 """
 import ml_collections
 
@@ -11,6 +11,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.sharding = dict(rules=None)  # None = edit_r1_jax.parallel.DEFAULT_RULES
     c.train = dict(steps=4, lr=1e-3, warmup_steps=1, global_batch_size=8, grad_clip=1.0, weight_decay=0.0,
-                   log_every=1, checkpoint_every=2, keep_checkpoints=2, eval_every=2)
-    c.data = dict(num_train=64, num_eval=16, image_size=32)
+                   grad_accum_steps=1, log_every=1, checkpoint_every=2, keep_checkpoints=2, eval_every=2,
+                   eval_examples=8, freeze_vision=False, export_hf=True, async_checkpoint=True)
+    c.data = dict(num_train=32, num_eval=8, image_size=56, trace_style="minimal", sft_jsonl="", sft_eval_jsonl="",
+                  pairs_jsonl="", skip_bad=False, pad_to_multiple=32, length_buckets=(256, 320, 384, 512))
+    # reward model: random tiny Qwen2.5-VL with the synthetic world's tokenizer (checkpoint="" means random)
+    c.rrm = dict(checkpoint="", tokenizer="", image_size=56, compact_prompt=True, hidden=64, layers=2, heads=4,
+                 kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2, vision_heads=2,
+                 remat_policy="none")
+    # GCPO of the reward model (algorithms.md b2): N traces per image, mu PPO epochs; init_from = an SFT run's hf/
+    c.gcpo = dict(num_samples=2, temperature=1.0, max_new_tokens=64, ppo_epochs=1, eps_low=0.2, eps_high=0.2,
+                  kl_beta=0.0, std_normalize=False, divide_by_non_tied=False, skip_zero_adv=True, pairs_per_step=4,
+                  init_from="", prompt_pad_to=320, score_fallback=False, logp_tol=1e-4, logp_check="warn")
     return c
