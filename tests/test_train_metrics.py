@@ -67,6 +67,7 @@ def test_throughput_meter_mfu_and_flops_helpers():
     out = meter.update(2, tokens=1000, examples=8)
     assert out["steps_per_s"] == pytest.approx(4.0, rel=0.05) and out["tokens_per_s"] == pytest.approx(2000, rel=0.05)
     assert out["mfu"] == pytest.approx(2e12 * 2 / (0.5 * 1e14), rel=0.05)
+    assert out["device_tflops_per_s"] == pytest.approx(2 * 2 / 0.5, rel=0.05)
     assert "mfu" not in M.ThroughputMeter(flops_per_step_per_device=None, peak_flops=1e14).update(1)
     assert M.peak_flops_per_device() is None           # CPU: no MFU
     assert M.transformer_train_flops_per_token(100, 2, 8, 16) == 6 * 100 + 12 * 2 * 8 * 16

@@ -16,7 +16,7 @@ The SFT, GCPO and GRPO loops follow this shape (their steps differ, the scaffold
 
 Config fields read (defaults in ``LOOP_DEFAULTS``): ``seed``, ``mesh.{data,fsdp,tensor}``, ``sharding.rules``,
 ``train.{steps, global_batch_size, grad_accum_steps, log_every, checkpoint_every, keep_checkpoints, eval_every,
-max_consecutive_nonfinite, async_checkpoint}`` plus the optimizer fields of ``state.make_optimizer``, and
+max_consecutive_nonfinite, async_checkpoint, report_mfu}`` plus the optimizer fields of ``state.make_optimizer``, and
 ``data.{length_buckets, pad_to_multiple, num_threads, prefetch}``.
 
 Determinism: the step's key is ``fold_in(state.rng, state.step)`` and the data position is checkpointed with the
@@ -43,7 +43,8 @@ from edit_r1_jax.train.preemption import PreemptionHandler
 log = logging.getLogger(__name__)
 
 LOOP_DEFAULTS = dict(steps=1, global_batch_size=8, grad_accum_steps=1, log_every=1, checkpoint_every=100,
-                     keep_checkpoints=3, eval_every=0, max_consecutive_nonfinite=5, async_checkpoint=True)
+                     keep_checkpoints=3, eval_every=0, max_consecutive_nonfinite=5, async_checkpoint=True,
+                     report_mfu=False)
 
 
 @dataclasses.dataclass
@@ -58,7 +59,8 @@ class Task:
     trainable_mask   bool tree / callable params -> bool tree (None: everything trains)
     eval_fn          (state, step) -> dict of metrics, run every ``train.eval_every`` steps on every process
     tokens_in_batch  local batch -> number of tokens (for tokens/s), e.g. ``lambda b: b["mask"].sum()``
-    flops_per_step   FLOPs per step per device for MFU (e.g. ``metrics.compiled_flops_per_device``)
+    flops_per_step   FLOPs per step per device for MFU; None with ``train.report_mfu`` = XLA's count of the
+                     compiled step (one extra compile at the first step); MFU is logged where the peak is known
     on_step          (step, metrics or None) -> None after every step (tests, custom logging)
     """
     init_params: Callable[[jax.Array], Any]
@@ -142,9 +144,14 @@ def train(config: Any, workdir: str, task: Task) -> LoopResult:
             while step < total_steps:
                 local = next(it)
                 if task.tokens_in_batch is not None:
-                    tokens_since += float(task.tokens_in_batch(local))
+                    # this process's tokens; all processes hold equal shares of the global batch
+                    tokens_since += float(task.tokens_in_batch(local)) * jax.process_count()
                 examples_since += int(opt["global_batch_size"])
-                state, m = step_fn(state, pipeline.global_batch(local, mesh, task.pad_values))
+                batch = pipeline.global_batch(local, mesh, task.pad_values)
+                if meter.flops is None and bool(opt["report_mfu"]):
+                    with mesh:
+                        meter.flops = metrics_lib.compiled_flops_per_device(step_fn.jitted, state, batch)
+                state, m = step_fn(state, batch)
                 step += 1
                 steps_since += 1
                 logged = None

@@ -197,8 +197,10 @@ class ThroughputMeter:
             out["tokens_per_s"] = float(tokens) / dt
         if examples is not None:
             out["examples_per_s"] = float(examples) / dt
-        if self.flops and self.peak:
-            out["mfu"] = self.flops * steps / (dt * self.peak)
+        if self.flops:
+            out["device_tflops_per_s"] = self.flops * steps / dt / 1e12     # achieved, per device
+            if self.peak:
+                out["mfu"] = self.flops * steps / (dt * self.peak)
         return out
 
 

@@ -167,7 +167,9 @@ def make_train_step(loss_fn: LossFn, *, state_shardings: TrainState | None = Non
 
     donate_argnums = (0,) if donate else ()
     if mesh is None or state_shardings is None:
-        return jax.jit(fn, donate_argnums=donate_argnums)
+        jitted = jax.jit(fn, donate_argnums=donate_argnums)
+        jitted.jitted = jitted
+        return jitted
     batch_sh = NamedSharding(mesh, P(parallel.BATCH_AXES))   # prefix: applies to every leaf's leading dim
     repl = NamedSharding(mesh, P())
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
