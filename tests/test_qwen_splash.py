@@ -48,7 +48,7 @@ def test_model_forward_with_splash_backend(highest_precision):
     from edit_r1_jax.models.qwen2_5_vl import testing as T
     cfg = q.from_hf_dict(T.tiny_hf_config().to_dict())
     params = q.init_params(cfg, jax.random.key(3))
-    grid = np.array([[1, 6, 8]])             # 3x4 merged tokens: two windows, one of them ragged
+    grid = np.array([[1, 4, 6]])             # 2x3 merged tokens: two windows (2x2 and a ragged 2x1)
     ids = np.array([[0, 0, 1, 5] + T.image_tokens(grid[0]) + [3, 4]])
     mask = (ids != 0).astype(np.int32)
     pv = T.pixel_values_for(grid)
