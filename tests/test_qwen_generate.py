@@ -60,6 +60,8 @@ def test_greedy_matches_transformers_and_logprobs_match_forward(setup, highest_p
     assert lps.dtype == np.float32
     np.testing.assert_array_equal(toks, ref)
     np.testing.assert_allclose(lps, recompute(cfg, params, ids, mask, pv, grid, toks), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lps, q.completion_logprobs(cfg, params, ids, mask, toks, None, pv, grid), atol=1e-5,
+                               rtol=0)
     # right-padded prompts give the same continuation (same compiled program: the prompt bucket is identical)
     ids_r, mask_r = pad_rows(rows, "right")
     toks_r, lps_r = q.generate(cfg, params, ids_r, mask_r, pv, grid, max_new_tokens=N_NEW)

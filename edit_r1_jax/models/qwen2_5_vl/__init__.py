@@ -1,15 +1,15 @@
 """Qwen2.5-VL in Flax Linen: the reward model's backbone.
 
-Public API (stable): ``load_pretrained``, ``forward``, ``save_pretrained``, ``generate``; plus ``token_logprobs``,
+Public API (stable): ``load_pretrained``, ``forward``, ``save_pretrained``, ``generate``; plus ``token_logprobs``, ``completion_logprobs``,
 ``forward_with_hidden``, ``init_params``, ``param_logical_axes``, ``num_params``, ``Qwen25VLConfig``.
 Params are plain nested dicts without a ``{'params': ...}`` wrapper (see model.py for the tree).
 """
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig, from_hf_dict, load_config
-from edit_r1_jax.models.qwen2_5_vl.model import (forward, forward_with_hidden, init_params, num_params,
-                                                 param_logical_axes, param_shapes, token_logprobs)
+from edit_r1_jax.models.qwen2_5_vl.model import (completion_logprobs, forward, forward_with_hidden, init_params,
+                                                 num_params, param_logical_axes, param_shapes, token_logprobs)
 from edit_r1_jax.models.qwen2_5_vl.convert import load_pretrained, save_pretrained
 from edit_r1_jax.models.qwen2_5_vl.generate import generate
 
 __all__ = ["Qwen25VLConfig", "TextConfig", "VisionConfig", "from_hf_dict", "load_config", "forward",
            "forward_with_hidden", "init_params", "num_params", "param_logical_axes", "param_shapes",
-           "token_logprobs", "load_pretrained", "save_pretrained", "generate"]
+           "token_logprobs", "completion_logprobs", "load_pretrained", "save_pretrained", "generate"]

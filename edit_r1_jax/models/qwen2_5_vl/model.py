@@ -264,3 +264,22 @@ def token_logprobs(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=
     if attention_mask is not None:
         out = jnp.where(jnp.asarray(attention_mask)[:, 1:] > 0, out, 0.0)
     return out
+
+
+def completion_logprobs(cfg: Qwen25VLConfig, params: dict, prompt_ids, prompt_mask, completion_ids,
+                        completion_mask=None, pixel_values=None, image_grid_thw=None, *,
+                        temperature: float = 1.0) -> jax.Array:
+    """Log-probs of ``completion_ids [B, n]`` given the prompt, aligned with ``generate``'s output: ``[B, n]``
+    float32, ``log_softmax(logits / temperature)`` at each completion token, 0 where ``completion_mask`` is 0
+    (e.g. the padding after EOS). Differentiable in ``params`` (the GCPO / SFT recompute)."""
+    prompt_ids = np.asarray(prompt_ids) if not isinstance(prompt_ids, jax.Array) else prompt_ids
+    b, t = prompt_ids.shape
+    n = completion_ids.shape[1]
+    pm = jnp.ones((b, t), jnp.int32) if prompt_mask is None else jnp.asarray(prompt_mask, jnp.int32)
+    cm = jnp.ones((b, n), jnp.int32) if completion_mask is None else jnp.asarray(completion_mask, jnp.int32)
+    full = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(completion_ids, jnp.int32)], axis=1)
+    if not isinstance(prompt_ids, jax.core.Tracer) and not isinstance(completion_ids, jax.core.Tracer):
+        full = np.asarray(full)                      # keeps the host-side image-token count check
+    lp = token_logprobs(cfg, params, full, jnp.concatenate([pm, cm], axis=1), pixel_values, image_grid_thw,
+                        temperature=temperature)
+    return lp[:, t - 1:]
