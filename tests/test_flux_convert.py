@@ -78,7 +78,8 @@ def test_bf16_checkpoint_load_and_save(saved, tmp_path):
     flux.save_transformer(cfg16, p16, out)
     m2 = diffusers.FluxTransformer2DModel.from_pretrained(out, torch_dtype=torch.bfloat16)
     assert m2.proj_out.weight.dtype == torch.bfloat16
-    np.testing.assert_array_equal(m2.proj_out.weight.detach().float().numpy(), reader.get("proj_out.weight").astype(np.float32))
+    np.testing.assert_array_equal(m2.proj_out.weight.detach().float().numpy(),
+                                  reader.get("proj_out.weight").astype(np.float32))
 
 
 def test_error_lists_missing_extra_and_misshaped(saved, tmp_path):

@@ -100,8 +100,9 @@ def test_full_pipeline_matches_diffusers(tiny_pipes, highest_precision):
         ref = pipe(image=img, prompt=prompts, height=h, width=w, max_area=h * w, _auto_resize=False,
                    num_inference_steps=steps, guidance_scale=2.5, max_sequence_length=16, latents=latents,
                    output_type="latent").images
-        ref_img = pipe.vae.decode(pipe._unpack_latents(ref, h, w, pipe.vae_scale_factor) / pipe.vae.config.scaling_factor
-                                  + pipe.vae.config.shift_factor, return_dict=False)[0]
+        vc = pipe.vae.config
+        ref_img = pipe.vae.decode(pipe._unpack_latents(ref, h, w, pipe.vae_scale_factor) / vc.scaling_factor
+                                  + vc.shift_factor, return_dict=False)[0]
         ref_img = pipe.image_processor.postprocess(ref_img, output_type="np")
     out = ours(image=img, prompt=prompts, height=h, width=w, max_area=h * w, auto_resize=False,
                num_inference_steps=steps, guidance_scale=2.5, max_sequence_length=16, latents=latents.numpy(),

@@ -49,7 +49,8 @@ class FluxTransformerConfig:
             raise ValueError(f"FluxTransformerConfig: sum(axes_dims_rope)={sum(self.axes_dims_rope)} must equal "
                              f"attention_head_dim={self.attention_head_dim}")
         if any(a % 2 for a in self.axes_dims_rope):
-            raise ValueError(f"FluxTransformerConfig: every axes_dims_rope entry must be even, got {self.axes_dims_rope}")
+            raise ValueError("FluxTransformerConfig: every axes_dims_rope entry must be even, got "
+                             f"{self.axes_dims_rope}")
         if self.patch_size != 1:
             raise ValueError(f"FluxTransformerConfig: patch_size={self.patch_size} is not supported (FLUX uses 1; "
                              "2x2 packing happens in the pipeline)")

@@ -45,7 +45,8 @@ class FlowMatchEulerScheduler:
     @classmethod
     def from_pretrained(cls, path: str) -> "FlowMatchEulerScheduler":
         """A pipeline folder (reads scheduler/scheduler_config.json) or the scheduler folder itself."""
-        for p in (os.path.join(path, "scheduler", "scheduler_config.json"), os.path.join(path, "scheduler_config.json")):
+        for p in (os.path.join(path, "scheduler", "scheduler_config.json"),
+                  os.path.join(path, "scheduler_config.json")):
             if os.path.isfile(p):
                 with open(p) as f:
                     return cls.from_config(json.load(f))

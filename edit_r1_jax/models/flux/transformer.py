@@ -135,12 +135,17 @@ class AdaNorm(nn.Module):
     AdaLayerNormContinuous (2); returns the chunks in diffusers' order, each [B, D]."""
     cfg: FluxTransformerConfig
     chunks: int
+    mesh: Mesh | None = None
+    rules: tuple = parallel.DEFAULT_RULES
 
     @nn.compact
     def __call__(self, temb: Array) -> list[Array]:
         c = self.cfg
         emb = Dense(self.chunks * c.inner_dim, ("embed", "mlp"), c.dtype, c.param_dtype, name="linear")(
             nn.silu(temb))
+        # [B, k*D] is small: gather it over 'tensor' before chunking. Besides being cheap, this avoids an XLA SPMD
+        # miscompile (jax 0.10.2, CPU) seen when tensor-sharded chunks gate a batch-sharded attention output.
+        emb = constrain(emb, ("activation_batch", None), self.mesh, self.rules)
         return jnp.split(emb, self.chunks, axis=-1)
 
 
@@ -215,9 +220,11 @@ class DoubleBlock(nn.Module):
     @nn.compact
     def __call__(self, carry, temb: Array, cos: Array, sin: Array):
         ctx, x = carry
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaNorm(self.cfg, 6, name="norm1")(temb)
+        mr = (self.mesh, self.rules)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaNorm(
+            self.cfg, 6, *mr, name="norm1")(temb)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = AdaNorm(
-            self.cfg, 6, name="norm1_context")(temb)
+            self.cfg, 6, *mr, name="norm1_context")(temb)
         attn_x, attn_c = Attention(self.cfg, True, self.mesh, self.rules, name="attn")(
             _modulate(x, shift_msa, scale_msa), _modulate(ctx, c_shift_msa, c_scale_msa), cos, sin)
         x = x + gate_msa[:, None] * attn_x
@@ -241,7 +248,7 @@ class SingleBlock(nn.Module):
     @nn.compact
     def __call__(self, h: Array, temb: Array, cos: Array, sin: Array):
         c = self.cfg
-        shift, scale, gate = AdaNorm(c, 3, name="norm")(temb)
+        shift, scale, gate = AdaNorm(c, 3, self.mesh, self.rules, name="norm")(temb)
         n = _modulate(h, shift, scale)
         mlp = jax.nn.gelu(Dense(c.mlp_dim, ("embed", "mlp"), c.dtype, c.param_dtype, name="proj_mlp")(n),
                           approximate=True)
@@ -325,7 +332,8 @@ class FluxTransformer(nn.Module):
             x = h[:, t_len:]
         if out_len is not None:
             x = x[:, :out_len]
-        scale, shift = AdaNorm(c, 2, name="norm_out")(temb)   # AdaLayerNormContinuous: (scale, shift) order
+        # AdaLayerNormContinuous chunks (scale, shift), in this order
+        scale, shift = AdaNorm(c, 2, self.mesh, self.rules, name="norm_out")(temb)
         x = _ln(x) * (1 + scale[:, None]) + shift[:, None]
         return Dense(c.out_dim, ("embed", None), dt, c.param_dtype, name="proj_out")(x)
 
