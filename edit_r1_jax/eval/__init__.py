@@ -1,0 +1,1 @@
+"""Evaluation of reward models and editors (preference accuracy; editing benchmarks)."""
