@@ -36,6 +36,21 @@ def test_kontext_dev_param_count_and_names():
     assert convert.expected_tensors(cfg) == want
 
 
+def test_preset_config_file():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "flux_kontext_dev.py")
+    spec = importlib.util.spec_from_file_location("flux_kontext_dev_preset", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.transformer_config() == kontext_dev_config()
+    assert mod.NUM_PARAMS == KONTEXT_DEV_PARAMS
+    c = mod.get_config()
+    assert (c.lora.rank, c.lora.alpha, c.sample.guidance_scale) == (64, 128.0, 2.5)
+    from edit_r1_jax.models.lora import FLUX_ATTN_FF_TARGETS, LoraConfig
+    assert LoraConfig(c.lora.rank, c.lora.alpha, c.lora.targets).regex == FLUX_ATTN_FF_TARGETS
+
+
 def test_param_logical_axes():
     axes = tr.param_logical_axes(CFG)
     assert axes["transformer_blocks"]["attn"]["to_q"]["kernel"] == P("layers", "embed", "q_heads_dim")

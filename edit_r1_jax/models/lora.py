@@ -41,11 +41,13 @@ LORA_LEAVES = ("lora_a", "lora_b")
 FLUX_ATTN_FF_TARGETS = (r"attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
                         r"|ff(_context)?/(net_0_proj|net_2)$"
                         r"|single_transformer_blocks/(proj_mlp|proj_out)$")
+TARGET_PRESETS = {"flux_attn_ff": FLUX_ATTN_FF_TARGETS}
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank r, alpha (scale = alpha / r), targets: regex searched in each kernel's '/'-joined module path."""
+    """rank r, alpha (scale = alpha / r), targets: regex searched in each kernel's '/'-joined module path, or a
+    preset name from TARGET_PRESETS ("flux_attn_ff")."""
     rank: int = 64
     alpha: float = 64.0
     targets: str = FLUX_ATTN_FF_TARGETS
@@ -53,7 +55,11 @@ class LoraConfig:
     def __post_init__(self):
         if self.rank <= 0:
             raise ValueError(f"LoraConfig.rank must be > 0, got {self.rank}")
-        re.compile(self.targets)
+        re.compile(self.regex)
+
+    @property
+    def regex(self) -> str:
+        return TARGET_PRESETS.get(self.targets, self.targets)
 
     @property
     def scale(self) -> float:
@@ -82,7 +88,7 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 def target_modules(params: dict, targets: str) -> list[tuple]:
     """Module paths (tuples) whose `kernel` leaf (ndim >= 2) matches `targets`; raises if none match."""
-    rx = re.compile(targets)
+    rx = re.compile(TARGET_PRESETS.get(targets, targets))
     out = [p[:-1] for p, v in _walk(params) if p[-1] == "kernel" and np.ndim(v) >= 2 and rx.search("/".join(p[:-1]))]
     if not out:
         kernels = ["/".join(p[:-1]) for p, _ in _walk(params) if p[-1] == "kernel"]
