@@ -1,0 +1,105 @@
+"""FLUX transformer on CPU, fp32: our jitted forward vs diffusers' eager FluxTransformer2DModel (same small random
+config and Kontext-style inputs), and the time per denoising step of our jitted `lax.fori_loop` sampler vs the
+diffusers loop (transformer + FlowMatchEulerDiscreteScheduler.step).
+
+Goal: ratio = diffusers time / ours >= 1 (ours not slower). Inputs: batch 1, 64 text tokens, a 16x16 packed
+target grid (256 tokens) plus a 16x16 Kontext reference grid (256 tokens).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import timing  # noqa: E402
+
+SMALL = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=2, num_single_layers=4,
+             attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512, pooled_projection_dim=256,
+             guidance_embeds=True, axes_dims_rope=(8, 28, 28))
+TXT, GRID, STEPS = 64, 16, 4
+
+
+def grid_ids(h, w, first):
+    t = np.zeros((h, w, 3), np.float32)
+    t[..., 0] = first
+    t[..., 1] = np.arange(h)[:, None]
+    t[..., 2] = np.arange(w)[None]
+    return t.reshape(-1, 3)
+
+
+def main():
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from edit_r1_jax.models import flux
+    from edit_r1_jax.models.flux import pipeline as pl
+    from edit_r1_jax.models.flux.scheduler import FlowMatchEulerScheduler
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**SMALL).eval()
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        cfg, params = flux.load_transformer(d)
+    rng = np.random.default_rng(0)
+    n_img = GRID * GRID
+    img_ids = np.concatenate([grid_ids(GRID, GRID, 0), grid_ids(GRID, GRID, 1)])
+    txt_ids = np.zeros((TXT, 3), np.float32)
+    hs = rng.standard_normal((1, 2 * n_img, 64)).astype(np.float32)
+    enc = rng.standard_normal((1, TXT, 512)).astype(np.float32)
+    pooled = rng.standard_normal((1, 256)).astype(np.float32)
+    t, g = np.array([0.7], np.float32), np.array([2.5], np.float32)
+
+    # --- one forward
+    T = torch.from_numpy
+    def run_torch():
+        with torch.no_grad():
+            return model(hidden_states=T(hs), encoder_hidden_states=T(enc), pooled_projections=T(pooled),
+                         timestep=T(t), guidance=T(g), img_ids=T(img_ids), txt_ids=T(txt_ids), return_dict=False)[0]
+    fwd = jax.jit(lambda p, *a: flux.transformer_forward(cfg, p, *a))
+    args = (jnp.asarray(hs), jnp.asarray(enc), jnp.asarray(pooled), jnp.asarray(t), jnp.asarray(img_ids),
+            jnp.asarray(txt_ids), jnp.asarray(g))
+    _, compile_s = timing.time_compile(fwd, params, *args)
+    t_torch = timing.time_fn(run_torch, sync=lambda x: x, warmup=1, repeat=5)
+    t_ours = timing.time_fn(lambda: fwd(params, *args), warmup=1, repeat=5)
+    err = float(np.abs(np.asarray(fwd(params, *args)) - run_torch().numpy()).max())
+
+    # --- sampling: STEPS Euler steps with the reference tokens, per step
+    sched = FlowMatchEulerScheduler()
+    prep = pl.prepare_denoise_inputs(cfg, sched, STEPS, 2 * GRID, 2 * GRID, (2 * GRID, 2 * GRID), TXT)
+    lat, ref = jnp.asarray(hs[:, :n_img]), jnp.asarray(hs[:, n_img:])
+    sample = lambda: pl.denoise(cfg, params, lat, ref, jnp.asarray(enc), jnp.asarray(pooled), jnp.asarray(g),  # noqa
+                                prep["sigmas"], prep["model_t"], prep["cos"], prep["sin"])
+    s_ours = timing.time_fn(sample, warmup=1, repeat=3)
+
+    def sample_torch():
+        ts = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+        ts.set_timesteps(sigmas=np.linspace(1, 1 / STEPS, STEPS), mu=sched.mu(n_img))
+        x = T(hs[:, :n_img].copy())
+        with torch.no_grad():
+            for step_t in ts.timesteps:
+                v = model(hidden_states=torch.cat([x, T(hs[:, n_img:])], 1), encoder_hidden_states=T(enc),
+                          pooled_projections=T(pooled), timestep=(step_t / 1000).expand(1), guidance=T(g),
+                          img_ids=T(img_ids), txt_ids=T(txt_ids), return_dict=False)[0][:, :n_img]
+                x = ts.step(v, step_t, x, return_dict=False)[0]
+        return x
+    s_torch = timing.time_fn(sample_torch, sync=lambda x: x, warmup=1, repeat=3)
+    samp_err = float(np.abs(np.asarray(sample()) - sample_torch().numpy()).max())
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    timing.report("flux_forward", "ours not slower than diffusers eager (ratio >= 1)",
+                  t_torch["median_s"] / t_ours["median_s"],
+                  torch_forward_ms=1e3 * t_torch["median_s"], ours_forward_ms=1e3 * t_ours["median_s"],
+                  ours_compile_s=compile_s, forward_max_abs_err=err,
+                  torch_ms_per_step=1e3 * s_torch["median_s"] / STEPS,
+                  ours_ms_per_step=1e3 * s_ours["median_s"] / STEPS,
+                  sampling_ratio=s_torch["median_s"] / s_ours["median_s"], sampling_max_abs_err=samp_err,
+                  params_m=n_params / 1e6, tokens=TXT + 2 * n_img, steps=STEPS)
+
+
+if __name__ == "__main__":
+    main()
