@@ -13,14 +13,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from edit_r1_jax.models import flux  # noqa: E402
-from edit_r1_jax.models.flux import transformer as tr  # noqa: E402
+from edit_r1_jax.models.flux import parity, transformer as tr  # noqa: E402
 
 TOL = 1e-5
-TINY = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=2, num_single_layers=2,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
-            axes_dims_rope=(4, 6, 6))
-
-
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
@@ -35,13 +30,8 @@ def grid_ids(h, w, first):
 
 
 def build_torch(guidance_embeds=True, seed=0):
-    torch.manual_seed(seed)
-    m = diffusers.FluxTransformer2DModel(guidance_embeds=guidance_embeds, **TINY).eval()
-    with torch.no_grad():  # non-trivial norms / biases so every parameter matters
-        for name, p in m.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return m
+    """Tiny diffusers model (models.md 2.8 config) with perturbed biases / norm weights."""
+    return parity.torch_transformer(seed, guidance_embeds=guidance_embeds)
 
 
 @pytest.fixture(scope="module")
