@@ -4,7 +4,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 
 from edit_r1_jax.cli import main
@@ -124,7 +123,7 @@ def test_evaluate_bookkeeping_with_stub():
     assert "acc" in preference.format_summary(summary)
 
 
-def test_eval_preference_cli(pair_dir, tmp_path, capsys):
+def test_eval_preference_cli(pair_dir, tmp_path, capsys, highest_precision):
     d, ours = pair_dir
     rrm = rec_lib.write_tiny_rrm(str(tmp_path / "rrm"), image_size=SIZE, seed=0)
     er_path = os.path.join(d, "er_cli.jsonl")

@@ -173,3 +173,38 @@ def test_sharded_scoring_matches_single_device(model, recs, highest_precision):
     b = model.score(recs, mode="logits")
     np.testing.assert_allclose(a.scores(), b.scores(), rtol=1e-5)
     assert jax.device_count() == 8
+
+
+def test_k_samples_plumbing(model, recs, monkeypatch):
+    """samples=3: 15 rows in batches of 4 at temperature 0.7 with a distinct key per batch; traces regrouped per
+    record in input order (decoding is stubbed: record i writes <score>i</score>, one trace of record 1 fails)."""
+    seen = []
+
+    def fake_generate(self, examples, temperature=0.0, rng=None, max_new_tokens=None, batch_size=None):
+        texts = [self.inputs.tokenizer.decode(e["input_ids"]) for e in examples]
+        idx = [next(i for i, r in enumerate(recs) if r["instruction"] in t) for t in texts]
+        seen.append((idx, temperature, np.asarray(jax.random.key_data(rng)).tobytes()))
+        return np.asarray(idx, np.int32)[:, None]
+
+    failed_once = []
+
+    def fake_decode(self, tokens):
+        out = []
+        for t in tokens[:, 0]:
+            if t == 1 and not failed_once:
+                failed_once.append(1)
+                out.append("no score here")
+            else:
+                out.append(f"<score>{int(t)}</score>")
+        return out
+    monkeypatch.setattr(RewardModel, "generate_tokens", fake_generate)
+    monkeypatch.setattr(RewardModel, "decode", fake_decode)
+    res = model.score(recs, samples=3, share_prefix=False)
+    assert [len(b) for b, _, _ in seen] == [4, 4, 4, 3]
+    assert sorted(i for b, _, _ in seen for i in b) == sorted(list(range(5)) * 3)
+    assert {t for _, t, _ in seen} == {0.7} and len({k for _, _, k in seen}) == 4
+    assert [r.id for r in res] == [r["id"] for r in recs]
+    assert all(len(r.traces) == 3 for r in res)
+    assert [r.score for r in res] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert res[1].status == "partial" and res[1].reward == pytest.approx(2 / 3) and res[0].status == "ok"
+    assert res.num_traces == 15 and res.parse_failure_rate == pytest.approx(1 / 15)

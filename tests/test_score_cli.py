@@ -65,7 +65,7 @@ def test_missing_data_file(tmp_path, capsys):
     assert rc == 2 and "file not found" in capsys.readouterr().err
 
 
-def test_skip_bad_skips_and_counts(tmp_path, data, rrm_dir, capsys):
+def test_skip_bad_skips_and_counts(tmp_path, data, rrm_dir, capsys, highest_precision):
     path, lines = data
     _write(path, _bad_lines(lines, tmp_path))
     out = tmp_path / "scores.jsonl"
@@ -80,7 +80,7 @@ def test_skip_bad_skips_and_counts(tmp_path, data, rrm_dir, capsys):
 
 
 @pytest.mark.slow
-def test_generate_output_and_resume(tmp_path, data, rrm_dir, capsys):
+def test_generate_output_and_resume(tmp_path, data, rrm_dir, capsys, highest_precision):
     path, lines = data
     out = tmp_path / "scores.jsonl"
     args = ["score", "--rrm", rrm_dir, "--data", path, "--out", str(out), "--share-prefix", "off"] + COMMON

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -182,10 +181,3 @@ def format_summary(summary: dict) -> str:
     if "parse_failure_rate" in summary:
         extra.append(f"parse-failure rate: {100 * summary['parse_failure_rate']:.2f}%")
     return "\n".join(out + ["  ".join(extra)])
-
-
-def relpath_or_uri(ref: Any, base: str) -> Any:
-    """Image reference for a JSONL written in ``base``: relative path for files, unchanged otherwise."""
-    if isinstance(ref, str) and not ref.startswith("data:") and os.path.isabs(ref):
-        return os.path.relpath(ref, base)
-    return ref
