@@ -109,10 +109,7 @@ def run(config: Any, workdir: str) -> generic_loop.LoopResult:
     setup = build_rrm(config, workdir)
     task = make_task(config, setup, sft_records(config, "train"), sft_records(config, "eval"))
     result = generic_loop.train(config, workdir, task)
-    if jax.process_index() == 0 and bool(config.train.get("export_hf", True)):
-        export_dir = os.path.join(workdir, "hf")
-        qwen.save_pretrained(setup.cfg, jax.device_get(result.state.params), export_dir)
-        setup.inputs.tokenizer.save_pretrained(export_dir)
-        from edit_r1_jax.rrm.inputs import save_image_processor
-        save_image_processor(setup.inputs.image_processor, export_dir)
+    if bool(config.train.get("export_hf", True)) and result.stopped == "done":
+        from edit_r1_jax.train.export import export_rrm_hf
+        export_rrm_hf(setup, result.state.params, os.path.join(workdir, "hf"))   # collective; process 0 writes
     return result
