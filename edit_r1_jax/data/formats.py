@@ -44,10 +44,11 @@ import numpy as np
 
 SFT = "sft"
 PAIR = "pair"
+SCORE = "score"    # an edit to score: an SFT record without the target trace
 
-IMAGE_FIELDS = {SFT: ("source", "edited"), PAIR: ("source", "preferred", "rejected")}
-TEXT_FIELDS = {SFT: ("instruction", "target"), PAIR: ("instruction",)}
-OPTIONAL_FLOATS = {SFT: ("gold_score",), PAIR: ("preferred_score", "rejected_score")}
+IMAGE_FIELDS = {SFT: ("source", "edited"), PAIR: ("source", "preferred", "rejected"), SCORE: ("source", "edited")}
+TEXT_FIELDS = {SFT: ("instruction", "target"), PAIR: ("instruction",), SCORE: ("instruction",)}
+OPTIONAL_FLOATS = {SFT: ("gold_score",), PAIR: ("preferred_score", "rejected_score"), SCORE: ("gold_score",)}
 ALIASES = {"source_image": "source", "input_image": "source", "edited_image": "edited", "output_image": "edited",
            "chosen": "preferred", "image_w": "preferred", "image_l": "rejected", "prompt": "instruction"}
 
@@ -146,7 +147,7 @@ def validate_record(obj: Any, kind: str, where: str = "<record>", base_dir: str 
     """Schema check + normalisation (aliases, principles as dicts, image paths resolved against ``base_dir``).
     Raises ``RecordError`` whose message starts with ``where``."""
     if kind not in IMAGE_FIELDS:
-        raise ValueError(f"kind={kind!r}: expected {SFT!r} or {PAIR!r}")
+        raise ValueError(f"kind={kind!r}: expected one of {tuple(IMAGE_FIELDS)}")
     if not isinstance(obj, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     rec = {}

@@ -30,11 +30,8 @@ import numpy as np
 from edit_r1_jax.data import formats
 from edit_r1_jax.data.formats import RecordError, ReadStats
 
-SCORE = "score"
+SCORE = formats.SCORE
 # The scoring kind: an SFT record without the target trace.
-formats.IMAGE_FIELDS.setdefault(SCORE, ("source", "edited"))
-formats.TEXT_FIELDS.setdefault(SCORE, ("instruction",))
-formats.OPTIONAL_FLOATS.setdefault(SCORE, ("gold_score",))
 
 
 # ---------------------------------------------------------------------------------------------------- reading
