@@ -29,7 +29,8 @@ def add_parser(subparsers):
     sub = p.add_subparsers(dest="parity_model", metavar="MODEL")
     for name, (_, helptext) in MODELS.items():
         sp = sub.add_parser(name, help=helptext, description=helptext)
-        sp.add_argument("--hf-dir", required=True, help="checkpoint directory (transformers / diffusers layout)")
+        sp.add_argument("--hf-dir", "--dir", dest="hf_dir", required=True,
+                        help="checkpoint directory (transformers layout, or a diffusers pipeline directory)")
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and activations dtype on both sides (default float32)")
         sp.add_argument("--seed", type=int, default=0, help="seed for the random test inputs")

@@ -99,13 +99,6 @@ def _t5_tokenizer(cls):
 # Parity tool
 # ------------------------------------------------------------------------------------------------------------------
 def add_arguments(p):
-    # `--dir` as an alias of the dispatcher's `--hf-dir` (the documented spelling for this model)
-    try:
-        action = next(a for a in p._actions if a.dest == "hf_dir")
-        action.option_strings.append("--dir")
-        p._option_string_actions["--dir"] = action
-    except (StopIteration, AttributeError):  # pragma: no cover - argparse internals changed
-        pass
     p.add_argument("--steps", type=int, default=2, help="pipeline steps for the end-to-end check (default 2)")
     p.add_argument("--size", default="64x64", help="pipeline output HxW in pixels (default 64x64)")
     p.add_argument("--skip-pipeline", action="store_true", help="only the per-component checks")
