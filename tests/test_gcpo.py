@@ -6,8 +6,10 @@ max|a - b| / max|b|. The scores are injected (a random model does not write pars
 are known: pair 0 has preferred scores [7, 3] and rejected [5, 5] (A^w = [+1/2, -1/2], A^l = 0), pair 1 has two
 parse failures on the preferred side and ties on the rejected side (all advantages 0: skipped).
 """
+import functools
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -130,27 +132,42 @@ def test_all_skipped_step_leaves_params_and_advances(reference):
 
 
 def test_objective_is_mean_over_kept_traces():
-    """gcpo_objective == (1/|K|) sum_{i in K} (1/T_i) sum_t -min(rho A, clip(rho) A), computed here in NumPy."""
+    """gcpo_objective == (1/|K|) sum_{i in K} (1/T_i) sum_t [-min(rho A, clip(rho) A) + beta k3], in NumPy."""
     rng = np.random.default_rng(0)
     r, n = 6, 5
-    lp, old = rng.normal(-2, 0.3, (r, n)).astype(np.float32), rng.normal(-2, 0.3, (r, n)).astype(np.float32)
+    lp, old, ref = (rng.normal(-2, 0.3, (r, n)).astype(np.float32) for _ in range(3))
     a = rng.normal(size=r).astype(np.float32)
     cm = np.ones((r, n), np.float32)
     cm[1, 3:] = 0
     cm[4, 1:] = 0
     keep = np.array([1, 1, 0, 1, 1, 0], np.float32)
-    loss, m = gcpo.gcpo_objective(lp, old, a, cm, keep, eps_low=0.2, eps_high=0.28)
+    objective = jax.jit(functools.partial(gcpo.gcpo_objective, eps_low=0.2, eps_high=0.28, beta=0.1))
+    loss, m = objective(lp, old, a, cm, keep, ref_logp=ref)
     rho = np.exp(lp - old)
-    tok = -np.minimum(rho * a[:, None], np.clip(rho, 0.8, 1.28) * a[:, None])
+    d = ref - lp
+    tok = -np.minimum(rho * a[:, None], np.clip(rho, 0.8, 1.28) * a[:, None]) + 0.1 * (np.exp(d) - d - 1)
     per = (tok * cm).sum(1) / cm.sum(1)
-    np.testing.assert_allclose(float(loss), per[keep > 0].mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), per[keep > 0].mean(), rtol=1e-5)
     assert float(m["loss_weight"]) == 4
-    d = np.abs(lp - old)[cm > 0]
-    np.testing.assert_allclose(float(m["logp_abs_diff_max"]), d.max(), rtol=1e-6)
+    np.testing.assert_allclose(float(m["logp_abs_diff_max"]), np.abs(lp - old)[cm > 0].max(), rtol=1e-6)
     np.testing.assert_allclose(float(m["ratio_min"]), rho[cm > 0].min(), rtol=1e-6)
-    # nothing kept: loss 0, not NaN
-    loss0, _ = gcpo.gcpo_objective(lp, old, a, cm, np.zeros(r, np.float32))
+    loss0, _ = objective(lp, old, a, cm, np.zeros(r, np.float32), ref_logp=ref)   # nothing kept: 0, not NaN
     assert float(loss0) == 0.0
+
+
+@pytest.mark.slow
+def test_reference_logprobs_for_kl(tiny, reference, highest_precision):
+    """kl_beta > 0: the frozen reference's log-probs (computed once per step, sharded like the batch) equal the
+    sampler's when the reference is the sampling policy."""
+    _, setup, opts, _, params0 = tiny
+    mesh = _mesh((1, 1, 1))
+    sh = reference["gcpo_step"].shardings
+    step = gcpo.GCPOStep(setup, {**opts, "kl_beta": 0.04}, mesh, sh, train_cfg=tiny[0].train,
+                         prompt_len=opts["prompt_pad_to"], ref_params=jax.device_put(params0, sh.params))
+    batch = gcpo.global_batch(R.update_batch(reference["ro"], reference["adv"]), mesh)
+    ref_lp = np.asarray(step.ref_fn(step.ref_params, batch))
+    on = reference["ro"].completion_mask > 0
+    assert np.abs(ref_lp - reference["ro"].logps)[on].max() <= 1e-5
 
 
 def test_completion_mask_and_pair_order():
@@ -187,18 +204,24 @@ def test_sharded_update_equals_unsharded(tiny, reference, shape, highest_precisi
 
 
 @pytest.mark.slow
-def test_cli_runs_and_resumes(tiny, tmp_path):
+def test_sigterm_then_cli_resumes(tiny, tmp_path):
     from edit_r1_jax import cli
     from edit_r1_jax.train import checkpoint as ckpt_lib
     from edit_r1_jax.train.metrics import read_metrics
     w = str(tmp_path / "run")
     tok = os.path.join(str(tmp_path), "tok")
     tiny[1].inputs.tokenizer.save_pretrained(tok)     # skips building the world tokenizer again
-    args = ["gcpo", "--config", TINY, "--workdir", w, "--set", "gcpo.max_new_tokens=16", "--set",
-            "train.checkpoint_every=1", "--set", f"rrm.tokenizer={tok}"]
+    sets = ["gcpo.max_new_tokens=16", "train.checkpoint_every=1", f"rrm.tokenizer={tok}"]
+    # 1. SIGTERM after step 1: checkpoint at the step boundary, return "preempted"
+    cfg = config_lib.get_config(TINY, sets + ["train.steps=3"], num_devices=jax.device_count())
+    res, _ = gcpo.train(cfg, w, on_step=lambda s, m: os.kill(os.getpid(), signal.SIGTERM) if s == 1 else None)
+    assert (res.stopped, res.step) == ("preempted", 1)
+    assert ckpt_lib.Checkpointer(w).latest_step() == 1
+    # 2. the CLI resumes and finishes; 3. rerunning with more steps resumes again
+    args = ["gcpo", "--config", TINY, "--workdir", w] + [x for kv in sets for x in ("--set", kv)]
     assert cli.main(args + ["--set", "train.steps=2"]) == 0
     assert ckpt_lib.Checkpointer(w).latest_step() == 2
-    assert cli.main(args + ["--set", "train.steps=3"]) == 0          # resumes at 2, runs step 3
+    assert cli.main(args + ["--set", "train.steps=3"]) == 0
     recs = read_metrics(os.path.join(w, "metrics.jsonl"))
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:

@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 GCPO_DEFAULTS = dict(num_samples=8, temperature=1.0, max_new_tokens=512, ppo_epochs=1, eps_low=0.2, eps_high=0.2,
                      kl_beta=0.0, std_normalize=False, divide_by_non_tied=False, skip_zero_adv=True,
-                     pairs_per_step=1, init_from="", prompt_pad_to=0, score_fallback=False, logp_tol=1e-4,
+                     pairs_per_step=1, init_from="", prompt_pad_to=0, score_fallback=False, logp_tol=1e-5,
                      logp_check="warn")
 ROLLOUT_STREAM = 0x6C50   # folded into the state key for sampling (the train step folds in state.step)
 
@@ -289,7 +289,7 @@ class GCPOStep:
         msg = (f"GCPO: sampler log-probs differ from a recompute with the same params by up to {diff:.3g} "
                f"(> gcpo.logp_tol={tol:g}; ratio mean {float(m['ratio_mean']):.6f}, min "
                f"{float(m['ratio_min']):.6f}, max {float(m['ratio_max']):.6f}). The PPO ratio is then biased: check "
-               f"temperature / prompt layout / dtype (bf16 compute cannot reach 1e-5)")
+               f"temperature / prompt layout / dtype (bf16 or TF32 matmuls cannot reach 1e-5: raise gcpo.logp_tol)")
         if self.opts["logp_check"] == "error":
             raise RuntimeError(msg)
         log.warning("%s", msg)
