@@ -229,3 +229,11 @@ def test_sigterm_then_cli_resumes(tiny, tmp_path):
     assert ckpt_lib.Checkpointer(w).latest_step() == 3
     with open(os.path.join(w, "hf", "config.json")) as f:
         assert json.load(f)["model_type"].startswith("qwen2_5_vl")
+    # 4. a fresh run with gcpo.init_from=<that export> starts from exactly the exported params
+    cfg2 = config_lib.apply_overrides(config_lib.load_config_file(TINY),
+                                      sets + ["train.steps=0", f"gcpo.init_from={w}/hf"])
+    res2, setup2 = gcpo.train(cfg2, str(tmp_path / "run2"))
+    assert setup2.checkpoint == f"{w}/hf" and res2.resumed_from is None
+    exported = qwen.load_pretrained(f"{w}/hf")[1]
+    for a, b in zip(jax.tree.leaves(jax.device_get(res2.state.params)), jax.tree.leaves(exported)):
+        np.testing.assert_array_equal(a, b)
