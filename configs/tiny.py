@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.editor = dict(checkpoint="", image_size=64, codec_factor=4, tokenizer="", hidden=32, heads=2, double_blocks=1,
                     single_blocks=1, text_hidden=32, text_layers=1, text_heads=2, t5_len=32, clip_len=16,
                     guidance=2.5, seed=0, dtype="float32", remat="none", num_train_prompts=32, num_eval_prompts=8,
-                    train_jsonl="", eval_jsonl="", sft_timestep_sampling="uniform", export=True)
+                    train_jsonl="", eval_jsonl="", sample_steps=4, sft_timestep_sampling="uniform", export=True)
     # editing GRPO (Flow-GRPO, algorithms.md b3): G edits per prompt, SDE sampler, reward = synthetic pixel verifier
     c.grpo = dict(group_size=4, prompts_per_step=2, num_steps=4, eval_steps=4, noise_level=0.9, sde_type="sde",
                   timestep_fraction=0.99, timestep_selection="first", noise_on="trained", sde_window=0,

@@ -15,6 +15,8 @@ codec, frozen text encoders, tokenizers, schedule, RoPE tables, and the Kontext 
   seed            random editor: seed of the host-side init
   num_train_prompts, num_eval_prompts   synthetic-world prompt counts; train_jsonl / eval_jsonl = editing-prompt
                   JSONL files instead (``read_edit_jsonl``)
+  sample_steps, sft_timestep_sampling, export   editor SFT: ODE steps of its evaluation, training sigma law
+                  (uniform | logit_normal), write WORKDIR/editor at the end
 
 Decision (synthetic world / tiny config): no trained VAE exists, so latents are pixels (``pixel_codec``) with the
 same NCHW interface as the VAE; the Kontext 2x2 packing then gives (h/2)(w/2) tokens of 12 channels. The frozen T5 and

@@ -15,6 +15,10 @@ scored by the synthetic world's pixel verifier when the records carry scenes (``
 (``EditorSetup.save``: diffusers layout + editor.json), which ``grpo`` / ``eval-edit`` load via ``editor.checkpoint``.
 
     edit-r1-jax editor-sft --config configs/tiny.py --workdir runs/editor_sft [--set train.steps=N]
+
+Scope: small editors. The generic loop initialises the state inside one jitted program, so the starting weights
+(host-random, or ``editor.checkpoint``) become constants of that program; that is fine for the synthetic world's
+editor but not for the 12B FLUX.1-Kontext-dev, which is fine-tuned with ``grpo`` (LoRA) instead.
 """
 from __future__ import annotations
 

@@ -32,6 +32,17 @@ with the ODE sampler (noise level 0, ``eval_steps`` steps, fixed initial noise) 
 grid (source | edit) under WORKDIR/images and TensorBoard.
 
     edit-r1-jax grpo --config configs/tiny.py --workdir runs/grpo [--set train.steps=N]
+
+Config ``grpo`` (defaults ``GRPO_DEFAULTS``): group_size G, prompts_per_step P (P*G must divide by the policy
+mesh's data*fsdp), num_steps / eval_steps (sampling steps in training / evaluation), noise_level, sde_type
+(sde | cps | dance), timestep_fraction, timestep_selection (first | random), noise_on (all | trained), sde_window,
+sde_window_range, same_noise (one initial noise per group), adv_std (group | global | none), adv_clip, clip_range,
+beta, filter_zero_adv, ppo_epochs, ema_decay (0 = off), ema_every, reward (rrm | gold | brightness), reward_rrm,
+reward_mode / reward_samples (RRM decoding), reward_resize (px, 0 = off), eval_at_start, eval_grid_rows, logp_tol,
+logp_check, lora_rank (0 = full fine-tune), lora_alpha, lora_targets. ``editor`` as in ``editor_setup``; ``train``
+as for the other loops (``train.steps`` = GRPO steps, each ``ppo_epochs`` optimizer steps); ``roles`` as in
+``roles``. The run exports the trained editor to WORKDIR/editor (base editor + ``lora/`` adapters, or the full
+transformer; the EMA params when enabled), loadable by ``eval-edit`` and ``editor.checkpoint``.
 """
 from __future__ import annotations
 
@@ -116,9 +127,28 @@ class ResizedReward:
         return self.inner(out, records)
 
 
-def build_reward(config: Any, opts: dict, mesh: Mesh | None = None) -> Callable:
-    """``grpo.reward``: "rrm" (``grpo.reward_rrm`` = an exported RRM directory), "gold" (synthetic pixel verifier)
-    or "brightness" (toy)."""
+class OffloadedReward:
+    """Keeps an RRM's weights in pinned host memory between calls (``roles.reward.offload``)."""
+
+    def __init__(self, inner, model):
+        self.inner, self.model = inner, model
+        model.params = roles_lib.offload(model.params)
+
+    @property
+    def last(self):
+        return getattr(self.inner, "last", None)
+
+    def __call__(self, images, records) -> np.ndarray:
+        self.model.params = roles_lib.onload(self.model.params)
+        try:
+            return self.inner(images, records)
+        finally:
+            self.model.params = roles_lib.offload(self.model.params)
+
+
+def build_reward(config: Any, opts: dict, mesh: Mesh | None = None, offload: bool = False) -> Callable:
+    """``grpo.reward``: "rrm" (``grpo.reward_rrm`` = an exported RRM directory, placed on ``mesh``; ``offload``: its
+    weights wait in host memory between calls), "gold" (synthetic pixel verifier) or "brightness" (toy)."""
     kind = opts["reward"]
     if kind == "brightness":
         fn = BrightnessReward()
@@ -134,6 +164,8 @@ def build_reward(config: Any, opts: dict, mesh: Mesh | None = None) -> Callable:
         model = RewardModel.from_dir(path, mesh=mesh)
         fn = RRMReward(model, mode=opts["reward_mode"], samples=int(opts["reward_samples"]),
                        seed=int(cfg_get(config, "seed", 0)))
+        if offload:
+            fn = OffloadedReward(fn, model)
     else:
         raise ValueError(f"grpo.reward={kind!r}: expected 'rrm', 'gold' or 'brightness'")
     if int(opts["reward_resize"]):
@@ -367,7 +399,7 @@ class GRPOTrainer:
         self.cos, self.sin = (jax.device_put(a, NamedSharding(self.mesh, P())) for a in self.setup.rope())
         self.sigmas, self.model_t = self.setup.schedule(int(o["num_steps"]))
         self.eval_sigmas, self.eval_model_t = self.setup.schedule(int(o["eval_steps"]))
-        self.reward_fn = reward_fn or build_reward(config, o, self.roles["reward"].mesh)
+        self.reward_fn = reward_fn or build_reward(config, o, self.roles["reward"].mesh, self.roles["reward"].offload)
         self._build_state_plan()
         self.train_records = None
         self.eval_records = None
@@ -454,12 +486,18 @@ class GRPOTrainer:
         images = setup.decode(latents[-1])
         t3 = time.perf_counter()
         recs_b = [r for r in records for _ in range(self.group)]
-        if self.roles["reward"].offload:
-            log.debug("reward role offload is handled by the reward function")
-        rewards = np.asarray(self.reward_fn(list(images), recs_b), np.float32).reshape(-1)
+        if self.roles["policy"].offload:           # the frozen base waits in host memory while the RRM scores
+            self.frozen = roles_lib.offload(self.frozen)
+        try:
+            rewards = np.asarray(self.reward_fn(list(images), recs_b), np.float32).reshape(-1)
+        finally:
+            if self.roles["policy"].offload:
+                self.frozen = roles_lib.onload(self.frozen)
         if rewards.shape != (self.batch,):
             raise ValueError(f"reward function returned shape {rewards.shape}, expected ({self.batch},)")
         t4 = time.perf_counter()
+        inner = getattr(self.reward_fn, "inner", self.reward_fn)
+        scores = getattr(inner, "last", None)
         groups = np.repeat(np.arange(self.prompts), self.group)
         adv = np.asarray(rl.group_advantages(rewards, groups, std=o["adv_std"], eps=1e-4,
                                              clip=float(o["adv_clip"])), np.float32)
@@ -471,6 +509,8 @@ class GRPOTrainer:
              "kept_samples": int(keep.sum()), "filtered_samples": int(self.batch - keep.sum()),
              "trained_steps": int(plan.train_steps.shape[1]), "sampler_logp_mean": float(log_probs.mean()),
              "prep_s": t1 - t0, "sample_s": t2 - t1, "decode_s": t3 - t2, "reward_s": t4 - t3}
+        if scores is not None and hasattr(scores, "parse_failure_rate"):
+            m["reward_parse_failure_rate"] = float(scores.parse_failure_rate)
         return Rollout(records, cond, latents, log_probs, plan, images, rewards, adv, keep, m)
 
     # -- update --------------------------------------------------------------------------------------------------
