@@ -517,7 +517,6 @@ class GRPOTrainer:
     def rows(self, r: Rollout) -> dict:
         rows = ro.make_rows(r.latents, r.log_probs, r.plan, self.sigmas, self.model_t, r.advantages, r.keep, r.cond,
                             multiple=self.row_multiple)
-        rows["sigma_max"] = np.full_like(rows["sigma"], self.sigmas[1])
         if self.opts["beta"] and self.ref_mode == "rows":
             rmesh = self.ref_role.mesh
             frozen = roles_lib.onload(self.ref_frozen) if self.ref_role.offload else self.ref_frozen

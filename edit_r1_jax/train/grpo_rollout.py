@@ -20,7 +20,8 @@ Which steps are SDE / trained (``step_plan``):
     (noise on every step).
 
 Rows: one per (sample i, trained step j) with x_j, x_{j+1}, log p_j (the sampler's, "old"), sigma_j, sigma_{j+1},
-a_j, the model timestep, the advantage of i, keep (0 for filtered zero-advantage samples) and i's conditioning.
+a_j, the model timestep, sigma_1 (flow_sde_step's sigma_max), the advantage of i, keep (0 for filtered
+zero-advantage samples) and i's conditioning.
 Rows are padded (valid = 0, keep = 0) to a multiple of ``multiple`` so every update has a static shape.
 """
 from __future__ import annotations
@@ -243,7 +244,8 @@ def to_host(x: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # rows for the update
 
-ROW_KEYS = ("x_t", "x_next", "logp_old", "sigma", "sigma_next", "noise_level", "t", "adv", "keep", "valid")
+ROW_KEYS = ("x_t", "x_next", "logp_old", "sigma", "sigma_next", "noise_level", "t", "sigma_max", "adv", "keep",
+            "valid")
 
 
 def make_rows(latents: np.ndarray, log_probs: np.ndarray, plan: StepPlan, sigmas: np.ndarray, model_t: np.ndarray,
@@ -266,6 +268,7 @@ def make_rows(latents: np.ndarray, log_probs: np.ndarray, plan: StepPlan, sigmas
         "x_t": latents[jj, ii], "x_next": latents[jj + 1, ii], "logp_old": log_probs[jj, ii].astype(np.float32),
         "sigma": sigmas[jj].astype(np.float32), "sigma_next": sigmas[jj + 1].astype(np.float32),
         "noise_level": plan.noise_levels[jj].astype(np.float32), "t": model_t[jj].astype(np.float32),
+        "sigma_max": np.full((len(ii),), sigmas[1], np.float32),
         "adv": advantages[ii].astype(np.float32), "keep": keep[ii].astype(np.float32) * valid, "valid": valid,
     }
     for name, v in cond.items():
