@@ -130,6 +130,7 @@ class _null:
 # Integer leaves whose key matches this pattern are sizes and must be > 0.
 _POSITIVE_KEY = re.compile(r"(^|_)(size|steps|dim|layers|heads|depth|len|length|batch|num_[a-z_]+|width|height)$|^num_")
 _ALLOW_NONPOSITIVE = {"mesh.data", "mesh.fsdp", "mesh.tensor"}
+_ALLOW_ZERO = re.compile(r"warmup_steps$")   # may be 0, never negative
 
 
 def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
@@ -140,6 +141,10 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
             val = val[p]
         leaf = key.split(".")[-1]
         if key in _ALLOW_NONPOSITIVE or isinstance(val, bool) or not isinstance(val, (int, float)):
+            continue
+        if _ALLOW_ZERO.search(leaf):
+            if val < 0:
+                raise ConfigError(f"{key}={val}: must be >= 0. Fix: --set {key}=0")
             continue
         if _POSITIVE_KEY.search(leaf) and val <= 0:
             raise ConfigError(f"{key}={val}: must be > 0 (it is a size). Fix: --set {key}=<positive value>")

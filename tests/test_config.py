@@ -87,3 +87,9 @@ def test_every_config_file_loads():
         if name.endswith(".py") and not name.startswith("_"):
             cfg = config_lib.load_config_file(os.path.join(cfg_dir, name))
             config_lib.validate(cfg)
+
+
+def test_warmup_may_be_zero_not_negative():
+    assert config_lib.get_config(TINY, ["train.warmup_steps=0"]).train.warmup_steps == 0
+    with pytest.raises(ConfigError, match=r"train.warmup_steps=-1: must be >= 0"):
+        config_lib.get_config(TINY, ["train.warmup_steps=-1"])
