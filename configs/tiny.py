@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     # GCPO of the reward model (algorithms.md b2): N traces per image, mu PPO epochs; init_from = an SFT run's hf/
     c.gcpo = dict(num_samples=2, temperature=1.0, max_new_tokens=64, ppo_epochs=1, eps_low=0.2, eps_high=0.2,
                   kl_beta=0.0, std_normalize=False, divide_by_non_tied=False, skip_zero_adv=True, pairs_per_step=4,
-                  init_from="", prompt_pad_to=320, score_fallback=False, logp_tol=1e-5, logp_check="warn")
+                  init_from="", prompt_pad_to=320, score_fallback=False, logp_tol=1e-4, logp_check="warn")
     # image editor (FLUX.1-Kontext architecture, random tiny): pixel-codec latents (64 px images, 4x4 blocks -> 16x16x3,
     # packed 64 tokens of 12 channels + 64 reference tokens), random frozen T5/CLIP on the world tokenizer's ids
     c.editor = dict(checkpoint="", image_size=64, codec_factor=4, tokenizer="", hidden=32, heads=2, double_blocks=1,
@@ -36,4 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
                   beta=0.04, filter_zero_adv=True, ppo_epochs=1, ema_decay=0.0, ema_every=8, reward="gold",
                   reward_rrm="", reward_mode="generate", reward_samples=1, reward_resize=0, eval_at_start=True,
                   eval_grid_rows=8, logp_tol=1e-5, logp_check="warn", lora_rank=8, lora_alpha=16.0, lora_targets="")
+    # where each role lives (train/roles.py): "all" devices, "policy" (share the policy's mesh) or a slice "a:b"
+    c.roles = dict(policy=dict(devices="all", offload=False), reference=dict(devices="policy", offload=False),
+                   reward=dict(devices="all", offload=False))
     return c

@@ -121,10 +121,15 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, config_path: str |
 
     # -- report --------------------------------------------------------------------------------------------------
     plots = []
-    for name, keys in (("rrm_sft", ["loss", "eval/loss"]), ("rrm_gcpo", ["mean_reward", "loss"]),
+    from edit_r1_jax.train.metrics import read_metrics
+    for name, keys in (("rrm_sft", ["loss", "eval/loss"]), ("rrm_gcpo", ["reward", "parse_fail_frac"]),
                        ("editor_sft", ["loss"]), ("grpo", ["reward_mean", "eval/reward_mean"])):
         mpath = os.path.join(out_dir, name, "metrics.jsonl")
         if os.path.exists(mpath):
+            present = {k for row in read_metrics(mpath) for k, v in row.items() if v is not None}
+            keys = [k for k in keys if k in present]
+            if not keys:
+                continue
             try:
                 plots.append((f"{name} curves", plot_curves(mpath, keys, os.path.join(out_dir, f"{name}_curves.png"),
                                                             title=name)))
