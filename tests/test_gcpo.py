@@ -104,6 +104,29 @@ def test_sampler_logprobs_match_recompute(reference):
 
 
 @pytest.mark.slow
+def test_sampled_image_token_is_text(tiny, reference, highest_precision):
+    """A sampled <|image_pad|> in a completion is an ordinary token, as it was for the sampler: the completion
+    log-probs equal those with a text token D in its place whose embedding row is set equal to it, in every row
+    (a plain forward would splice an image feature there, shift every later row's image features and move the
+    later M-RoPE positions)."""
+    _, setup, _, _, params0 = tiny
+    ro, cfg = reference["ro"], setup.cfg
+    rows = np.argsort(-ro.lengths, kind="stable")[:2]                # two rows, the first with a long trace
+    b = {k: v[rows] for k, v in R.update_batch(ro, reference["adv"]).items()}
+    n = b["completion_mask"].shape[1]
+    pos, d = b["input_ids"].shape[1] - n + 3, 5
+    assert ro.lengths[rows[0]] > 4 and b["input_ids"][0, pos] != cfg.image_token_id
+    with_img, with_d = b["input_ids"].copy(), b["input_ids"].copy()
+    with_img[0, pos], with_d[0, pos] = cfg.image_token_id, d
+    emb = params0["embed_tokens"]["embedding"].copy()
+    emb[d] = emb[cfg.image_token_id]
+    params = {**params0, "embed_tokens": {"embedding": emb}}
+    f = jax.jit(lambda p, ids: gcpo.completion_logprobs(cfg, p, ids, b["attention_mask"], b["pixel_values"],
+                                                        setup.grid(2), n, 1.0))
+    np.testing.assert_allclose(np.asarray(f(params, with_img)), np.asarray(f(params, with_d)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_zero_advantage_pairs_are_skipped_and_counted(reference):
     adv, m_ro, m_up = reference["adv"], reference["m_ro"], reference["m_up"]
     np.testing.assert_allclose(adv.r_w, [[1, 0], [0, 0]])

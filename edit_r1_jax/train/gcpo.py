@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 GCPO_DEFAULTS = dict(num_samples=8, temperature=1.0, max_new_tokens=512, ppo_epochs=1, eps_low=0.2, eps_high=0.2,
                      kl_beta=0.0, std_normalize=False, divide_by_non_tied=False, skip_zero_adv=True,
-                     pairs_per_step=1, init_from="", prompt_pad_to=0, score_fallback=False, logp_tol=1e-5,
+                     pairs_per_step=1, init_from="", prompt_pad_to=0, score_fallback=False, logp_tol=1e-4,
                      logp_check="warn")
 ROLLOUT_STREAM = 0x6C50   # folded into the state key for sampling (the train step folds in state.step)
 
@@ -98,15 +98,22 @@ def completion_logprobs(cfg: Any, params: Any, input_ids, attention_mask, pixel_
 
     input_ids / attention_mask [B, T] (prompt ++ completion), pixel_values [B, Np, D], grid [2B, 3] (static).
     The same forward as ``qwen2_5_vl.forward`` (torch: ``Qwen2_5_VLForConditionalGeneration(...).logits``), but the
-    LM head runs on the completion positions only (T-num_new-1 .. T-2 predict the completion tokens).
+    LM head runs on the completion positions only (T-num_new-1 .. T-2 predict the completion tokens), and a sampled
+    ``<|image_pad|>`` in the completion is an ordinary token, as it was for the sampler (and for transformers'
+    ``generate``): its own embedding and a text M-RoPE position, no image feature spliced in. A plain forward would
+    splice image features there (shifting every later image feature of the batch) and move the later positions.
     """
     b, t = input_ids.shape
     pv = pixel_values.reshape(-1, pixel_values.shape[-1]).astype(params["visual"]["patch_embed"]["kernel"].dtype)
     mask = attention_mask.astype(jnp.int32)
+    sampled_img_bt = (jnp.arange(t)[None, :] >= t - num_new) & (input_ids == cfg.image_token_id)
+    text_id = 0 if cfg.image_token_id != 0 else 1
+    layout_ids = jnp.where(sampled_img_bt, text_id, input_ids)    # where images are: the prompt's placeholders only
 
     def body(mdl):
-        x, _ = embed_inputs(mdl, cfg, input_ids, pv, grid)
-        pos = position_ids_for(cfg, input_ids, mask, grid)
+        x, _ = embed_inputs(mdl, cfg, layout_ids, pv, grid)
+        x = jnp.where(sampled_img_bt[..., None], mdl.embed(input_ids), x)
+        pos = position_ids_for(cfg, layout_ids, mask, grid)
         h_btd, _, _ = mdl.decode(x, pos, mask)
         return mdl.logits(h_btd[:, t - num_new - 1: t - 1])
 
@@ -228,7 +235,9 @@ class GCPOStep:
                                                 lr_schedule=state_lib.make_lr_schedule(train_cfg))
         self.ref_params = ref_params
         self.ref_fn = None
-        if float(opts["kl_beta"]) and ref_params is not None:
+        if float(opts["kl_beta"]) and ref_params is None:
+            raise ValueError(f"gcpo.kl_beta={opts['kl_beta']} needs the frozen reference params (ref_params)")
+        if float(opts["kl_beta"]):
             row_sh = NamedSharding(mesh, P(parallel.BATCH_AXES))
 
             def ref_logp(params, batch):
