@@ -19,11 +19,11 @@ Per step, for each of P preference pairs (source x_ref, instruction q, principle
                mean/min/max are logged every step (``logp_abs_diff_max``, ``ratio_*``) and checked against
                ``gcpo.logp_tol`` (warn, or raise with ``gcpo.logp_check="error"``).
 
-The loop has the shape of ``generic_loop.train`` (mesh, state plan, restore_or_init, data, step, metrics,
-checkpoints, SIGTERM) with the rollout in front of the step. ``state.step`` counts optimizer steps (mu per GCPO
-step, also when every pair of a step is skipped and no update runs), so checkpoints are named by optimizer step
-and a GCPO step is ``state.step // mu``. The pairs of GCPO step s are positions s*P .. s*P+P-1 of a per-epoch
-seeded permutation and the sampling key is ``fold_in(state.rng, s)``, so a resumed run repeats exactly what an
+The loop is ``rl_loop.run`` (the scaffolding shared with editing GRPO: resume, metrics, NaN guard, checkpoints,
+SIGTERM) around ``GCPOStep``. ``state.step`` counts optimizer steps (mu per GCPO step, also when every pair of a
+step is skipped and no update runs), so checkpoints are named by optimizer step and a GCPO step is
+``state.step // mu``. The pairs of GCPO step s are positions s*P .. s*P+P-1 of a per-epoch seeded permutation and
+the sampling key is ``fold_in(fold_in(state.rng, ROLLOUT_STREAM), s)``, so a resumed run repeats exactly what an
 uninterrupted one would do.
 
     edit-r1-jax gcpo --config configs/tiny.py --workdir runs/gcpo [--set gcpo.init_from=runs/sft/hf]
@@ -54,13 +54,11 @@ from edit_r1_jax.rl.losses import LOG_RATIO_CLAMP
 from edit_r1_jax.models import qwen2_5_vl as qwen
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
 from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, embed_inputs, position_ids_for
-from edit_r1_jax.train import checkpoint as ckpt_lib
 from edit_r1_jax.train import gcpo_rollout as ro_lib
-from edit_r1_jax.train import metrics as metrics_lib
+from edit_r1_jax.train import rl_loop
 from edit_r1_jax.train import state as state_lib
 from edit_r1_jax.train import step as step_lib
 from edit_r1_jax.train.generic_loop import LOOP_DEFAULTS, LoopResult
-from edit_r1_jax.train.preemption import PreemptionHandler
 from edit_r1_jax.train.rrm_setup import RRMSetup, build_rrm
 
 log = logging.getLogger(__name__)
@@ -186,15 +184,6 @@ def pair_records(config: Any) -> Any:
                                            size=int(_get(dcfg, "image_size", 112)))
 
 
-def pair_indices(step: int, pairs_per_step: int, num_pairs: int, seed: int) -> list[int]:
-    """Record indices of GCPO step ``step``: positions step*P .. step*P+P-1 of per-epoch seeded permutations."""
-    out = []
-    for g in range(step * pairs_per_step, (step + 1) * pairs_per_step):
-        epoch, pos = divmod(g, num_pairs)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(num_pairs)[pos]))
-    return out
-
-
 def global_batch(batch: dict, mesh: Mesh) -> dict:
     """Host batch (identical on every process) -> jax.Arrays with rows split over ('data', 'fsdp')."""
     sh = NamedSharding(mesh, P(parallel.BATCH_AXES))
@@ -247,19 +236,15 @@ class GCPOStep:
                                            float(opts["temperature"]), mesh=mesh, rules=rules)
             self.ref_fn = jax.jit(ref_logp, out_shardings=row_sh)
 
-    def rollout_key(self, state: state_lib.TrainState, step: int) -> jax.Array:
-        key = jax.random.wrap_key_data(jax.device_get(state.rng))
-        return jax.random.fold_in(jax.random.fold_in(key, ROLLOUT_STREAM), int(step))
-
     def rollout(self, state: state_lib.TrainState, records: list, step: int):
         """-> (Rollout, scores [R], statuses, Advantages, metrics)."""
         o = self.opts
         prompts = ro_lib.prompt_batch(self.setup.inputs, records, self.prompt_len)
+        key = rl_loop.rollout_key(state, ROLLOUT_STREAM, step)
         with self.mesh:
             ro = ro_lib.sample(self.setup.cfg, state.params, self.setup.inputs, prompts, int(o["num_samples"]),
                                self.setup.grid, max_new_tokens=int(o["max_new_tokens"]),
-                               temperature=float(o["temperature"]), rng=self.rollout_key(state, step),
-                               eos_ids=self.eos_ids)
+                               temperature=float(o["temperature"]), rng=key, eos_ids=self.eos_ids)
         scores, statuses = self.scorer(ro.texts, ro.num_principles)
         scores = np.asarray(scores, np.float32)
         adv = ro_lib.advantages(scores, len(records), std_normalize=bool(o["std_normalize"]),
@@ -373,14 +358,6 @@ def train(config: Any, workdir: str, *, scorer: ro_lib.Scorer | None = None,
         with mesh:
             return create(load_params())
 
-    # -- resume or init ----------------------------------------------------------------------------------------
-    ckpt = ckpt_lib.Checkpointer(workdir, save_every=int(loop["checkpoint_every"]) * mu,
-                                 keep=int(loop["keep_checkpoints"]), async_save=bool(loop["async_checkpoint"]))
-    restored = ckpt_lib.restore_or_init(ckpt, init_fn=fresh_state, target=plan.restore_target())
-    state = restored.state
-    step = int(jax.device_get(state.step)) // mu
-    if restored.resumed:
-        log.info("resumed from GCPO step %d (optimizer step %d)", step, step * mu)
     ref_params = None
     if float(opts["kl_beta"]):
         ref_params = load_params() if setup.checkpoint else plan.init().params
@@ -395,52 +372,18 @@ def train(config: Any, workdir: str, *, scorer: ro_lib.Scorer | None = None,
     gstep = GCPOStep(setup, opts, mesh, plan.shardings, train_cfg=opt_cfg, prompt_len=prompt_len, rules=rules,
                      trainable_mask=mask, scorer=scorer, ref_params=ref_params)
 
-    # -- metrics -----------------------------------------------------------------------------------------------
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=step if restored.resumed else None)
-    bar = metrics_lib.progress_bar(total_steps, initial=step, desc="gcpo")
-    log_every, max_bad = max(1, int(loop["log_every"])), int(loop["max_consecutive_nonfinite"])
+    def step_fn(state, step):
+        return gstep(state, [pairs[i] for i in rl_loop.epoch_indices(step, per_step, len(pairs), seed)], step)
 
-    def data_state(s):
-        return {"next_pair": s * per_step, "num_pairs": len(pairs)}
-
-    stopped, last = "done", {}
-    try:
-        with PreemptionHandler() as preempt:
-            while step < total_steps:
-                t0 = time.perf_counter()
-                records = [pairs[i] for i in pair_indices(step, per_step, len(pairs), seed)]
-                state, m = gstep(state, records, step)
-                step += 1
-                m["step_time_s"] = time.perf_counter() - t0
-                logged = None
-                if step % log_every == 0 or step == total_steps:
-                    logged = last = writer.write_scalars(step, m)
-                    bar.set_postfix(reward=logged.get("reward"), loss=logged.get("loss"), refresh=False)
-                if "consecutive_nonfinite" in m:
-                    try:
-                        step_lib.check_nonfinite(m, max_bad, step)
-                    except step_lib.NonFiniteError:
-                        ckpt.save(int(jax.device_get(state.step)), state, data_state=data_state(step),
-                                  config=config, force=True)
-                        raise
-                bar.update(1)
-                if on_step is not None:
-                    on_step(step, logged if logged is not None else m)
-                if preempt.should_stop():
-                    ckpt.save(int(jax.device_get(state.step)), state, data_state=data_state(step), config=config,
-                              force=True)
-                    stopped = "preempted"
-                    break
-                ckpt.save(int(jax.device_get(state.step)), state, data_state=data_state(step), config=config)
-        if stopped == "done":
-            ckpt.save(int(jax.device_get(state.step)), state, data_state=data_state(step), config=config, force=True)
-    finally:
-        ckpt.close()
-        writer.close()
-        bar.close()
-    log.info("GCPO %s at step %d", stopped, step)
-    result = LoopResult(state=state, step=step, stopped=stopped,
-                        resumed_from=None if restored.step is None else restored.step // mu, last_metrics=last)
+    # -- resume or init, then the rollout -> update loop (metrics, NaN guard, checkpoints, SIGTERM) -------------
+    spec = rl_loop.LoopSpec(total_steps=total_steps, steps_per_iter=mu, log_every=int(loop["log_every"]),
+                            checkpoint_every=int(loop["checkpoint_every"]),
+                            keep_checkpoints=int(loop["keep_checkpoints"]),
+                            async_checkpoint=bool(loop["async_checkpoint"]),
+                            max_consecutive_nonfinite=int(loop["max_consecutive_nonfinite"]), desc="gcpo")
+    result = rl_loop.run(config, workdir, spec, init_fn=fresh_state, target=plan.restore_target(), step_fn=step_fn,
+                         data_state_fn=lambda s: {"next_pair": s * per_step, "num_pairs": len(pairs)},
+                         on_step=on_step)
     return result, setup
 
 
