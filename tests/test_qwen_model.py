@@ -150,3 +150,27 @@ def test_forward_is_differentiable_and_remat_policies_agree(tiny, highest_precis
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):   # same math, different fp32 summation order
         a, b = np.asarray(a), np.asarray(b)
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * max(np.abs(a).max(), 1e-12))
+
+
+def test_forward_inside_jit_under_mesh_constrains_activations(tiny, highest_precision):
+    """Params as tracers (a caller's jit, e.g. the train step) under ``with mesh``: the context mesh drives the
+    activation constraints (batch and image patches over ('data','fsdp')); values equal the unsharded forward."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from edit_r1_jax import parallel
+    _, cfg, params, _ = tiny
+    grid = np.array([[1, 4, 4], [1, 4, 4]])
+    rows = [[1, 2] + T.image_tokens(g) + [3, 4, 5] for g in grid]
+    ids = np.array(rows)
+    pv = T.pixel_values_for(grid, seed=2)
+    ref = np.asarray(q.forward(cfg, params, ids, np.ones_like(ids), pv, grid))
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    p_sh = parallel.logical_shardings(q.param_logical_axes(cfg), mesh, parallel.DEFAULT_RULES,
+                                      shapes=q.param_shapes(cfg))
+    fn = jax.jit(lambda p, i, x: q.forward(cfg, p, i, jnp.ones_like(i), x, grid),
+                 in_shardings=(p_sh, NamedSharding(mesh, P()), NamedSharding(mesh, P())))
+    with mesh:
+        hlo = fn.lower(params, ids, pv).as_text()
+        out = np.asarray(fn(params, ids, pv))
+    assert "sharding_constraint" in hlo   # constraints were emitted (none without the context mesh)
+    assert rel_err(out, ref) < TOL

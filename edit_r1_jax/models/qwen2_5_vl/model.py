@@ -194,16 +194,38 @@ _forward_jit = jax.jit(_forward_impl, static_argnames=("cfg", "grid", "return_hi
 
 def sharding_of(params, mesh=None, rules=None):
     """Static (mesh, rules) for activation constraints: the given mesh, else the mesh the params live on (if they
-    carry a NamedSharding over more than one device), else None."""
+    carry a NamedSharding over more than one device), else -- params are tracers inside a caller's jit, e.g. the
+    train step -- the mesh of an enclosing ``with mesh:`` / ``jax.set_mesh`` (more than one device), else None.
+
+    Without constraints inside a sharded train step XLA is free to replicate the batch dimension of activations
+    (FSDP params sharded on 'embed' make that a likely choice), which multiplies activation memory by the
+    data-parallel size."""
     if mesh is None:
         leaf = jax.tree.leaves(params)[0]
         sh = getattr(leaf, "sharding", None)
         if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.size > 1:
             mesh = sh.mesh
+    if mesh is None and isinstance(jax.tree.leaves(params)[0], jax.core.Tracer):
+        mesh = _context_mesh()
     if mesh is None:
         return None
     from edit_r1_jax import parallel
     return mesh, tuple(parallel.DEFAULT_RULES if rules is None else rules)
+
+
+def _context_mesh():
+    """The concrete mesh of an enclosing ``with mesh:`` (or ``jax.set_mesh``) with more than one device, else None."""
+    from jax._src import mesh as mesh_lib
+    env = mesh_lib.thread_resources.env.physical_mesh
+    if not env.empty and env.size > 1:
+        return env
+    try:
+        concrete = jax.sharding.get_mesh()
+    except Exception:  # noqa: BLE001 - older/newer JAX without a concrete context mesh
+        return None
+    if concrete is not None and not getattr(concrete, "empty", True) and concrete.size > 1:
+        return concrete
+    return None
 
 
 def _prep(cfg, params, input_ids, attention_mask, pixel_values, image_grid_thw):

@@ -97,7 +97,8 @@ class VisionBlock(nn.Module):
         x_nd = x_nd + VisionAttention(c, self.backend, name="attn")(
             RMSNorm(c.rms_norm_eps, name="norm1")(x_nd), cos_nd, sin_nd, is_full, win, full)
         x_nd = x_nd + VisionMLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="norm2")(x_nd))
-        x_nd = constrain(x_nd, ("activation_length", "activation_embed"))
+        # patches of all images are concatenated (image-major): split them over the data-parallel axes like a batch
+        x_nd = constrain(x_nd, ("activation_batch", "activation_embed"))
         return x_nd, (x_nd if self.collect_hidden else None)
 
 
@@ -110,7 +111,7 @@ class PatchMerger(nn.Module):
         c = self.cfg
         unit = c.spatial_merge_size ** 2
         x = RMSNorm(1e-6, name="ln_q")(x_nd).reshape(-1, unit * c.hidden_size)
-        x = dense(unit * c.hidden_size, (None, "mlp"), use_bias=True, name="mlp_0")(x)
+        x = dense(unit * c.hidden_size, ("embed", "mlp"), use_bias=True, name="mlp_0")(x)   # in-dim FSDP-sharded
         x = jax.nn.gelu(x, approximate=False)
         return dense(c.out_hidden_size, ("mlp", "embed"), use_bias=True, name="mlp_2")(x)
 
@@ -132,6 +133,7 @@ class VisionTower(nn.Module):
         x_nd = dense(c.hidden_size, (None, "embed"), use_bias=False, name="patch_embed")(pixel_values)
         n = x_nd.shape[0]
         x_nd = x_nd.reshape(n // unit, unit, -1)[meta["window_index"]].reshape(n, -1)   # window order
+        x_nd = constrain(x_nd, ("activation_batch", "activation_embed"))
         cos_nd, sin_nd = vision_rotary(meta["rot_pos"], c.head_dim, c.rope_theta)
         is_full = jnp.asarray(np.isin(np.arange(c.depth), np.asarray(c.fullatt_block_indexes)))
         block = VisionBlock
