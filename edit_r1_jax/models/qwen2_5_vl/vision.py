@@ -47,8 +47,12 @@ def grouped_attention(q_nhd, k_nhd, v_nhd, layout, backend: str) -> jax.Array:
     """Non-causal attention inside the contiguous segments of ``layout`` = (gather [G,L], valid [G,L], scatter [N])."""
     gather, valid, scatter = layout
     n, h, d = q_nhd.shape
-    q_glhd, k_glhd, v_glhd = q_nhd[gather], k_nhd[gather], v_nhd[gather]
+    # groups (windows / images) of every image in the batch: split them over the data-parallel axes, or each device
+    # computes the [G, H, L, L] scores of the whole global batch
+    names = ("activation_batch", None, "activation_heads", None)
+    q_glhd, k_glhd, v_glhd = (constrain(x[gather], names) for x in (q_nhd, k_nhd, v_nhd))
     out_glhd = layers.attention(q_glhd, k_glhd, v_glhd, q_segment_ids=valid, kv_segment_ids=valid, backend=backend)
+    out_glhd = constrain(out_glhd, names)
     return out_glhd.reshape(-1, h, d)[scatter]
 
 
