@@ -74,6 +74,22 @@ def _devices(n: int):
     return None
 
 
+def _argv(args, n: int) -> list[str]:
+    """The command line of this plan (for the re-exec with N fake devices)."""
+    out = ["plan", "--config", args.config, "--devices", str(n)]
+    for o in args.overrides:
+        out += ["--set", o]
+    if args.hbm_gib is not None:
+        out += ["--hbm-gib", str(args.hbm_gib)]
+    if args.layers is not None:
+        out += ["--layers", str(args.layers)]
+    if args.no_fit:
+        out.append("--no-fit")
+    if args.json:
+        out += ["--json", args.json]
+    return out
+
+
 def run(args) -> int:
     from edit_r1_jax import config as config_lib
     cfg = config_lib.get_config(args.config, args.overrides)
@@ -87,7 +103,7 @@ def run(args) -> int:
         env = dict(os.environ, **{CHILD_ENV: "1", "JAX_PLATFORMS": "cpu"})
         env["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
                             + f" --xla_force_host_platform_device_count={n}").strip()
-        return subprocess.call([sys.executable, "-m", "edit_r1_jax.cli", *sys.argv[1:]], env=env)
+        return subprocess.call([sys.executable, "-m", "edit_r1_jax.cli", *_argv(args, n)], env=env)
 
     from edit_r1_jax.train import plan as plan_lib
     pcfg = cfg.get("plan", None)

@@ -278,7 +278,8 @@ def human_bytes(n: float) -> str:
 
 def format_plan(p: MemoryPlan, hbm_bytes: int | None = None) -> str:
     g = lambda n: f"{human_bytes(n):>12}"   # noqa: E731
-    lines = [f"mesh {p.mesh} ({p.devices} devices), text layers {p.layers}, {p.num_params / 1e9:.3f} B params",
+    count = f"{p.num_params / 1e9:.3f} B" if p.num_params >= 1e9 else f"{p.num_params / 1e6:.3f} M"
+    lines = [f"mesh {p.mesh} ({p.devices} devices), text layers {p.layers}, {count} params",
              f"  parameters   {g(p.params_bytes)} per device   (whole model {g(p.params_total_bytes)})",
              f"  optimizer    {g(p.opt_bytes)} per device   (whole model {g(p.opt_total_bytes)})",
              f"  activations  {g(p.activation_bytes)} per device   (XLA temporaries)",
