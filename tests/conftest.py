@@ -1,10 +1,9 @@
 """Test setup: 8 fake CPU devices, set before JAX initialises its backend (env-notes G17)."""
 import os
 
-# --xla_backend_optimization_level=0: about 2x faster CPU compiles; tests are dominated by compile time, and the
-# flag changes LLVM code generation only, not the HLO-level numerics the parity tolerances are about.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+# (--xla_backend_optimization_level=0 would halve CPU compile times but changes fp32 results by ~1e-6, enough
+# to break the 1e-6 sharded-vs-unsharded checks, so it is not used.)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
