@@ -53,6 +53,11 @@ def test_sft_loss_and_grads_match_torch(tmp_path, highest_precision):
         return rl.sft_loss(logits, ids, lm)[0]
     loss_j, grads_j = jax.value_and_grad(loss_fn)(params)
     assert abs(float(loss_j) - loss_t.item()) / abs(loss_t.item()) <= 1e-5
+    # the per-token log-probs GCPO uses (token_logprobs) equal torch's on every attended position
+    lp_j = np.asarray(qwen.token_logprobs(cfg, params, ids, att, pv, grids))
+    lp_t = logp.detach().numpy()
+    on = att[:, 1:] > 0
+    assert np.abs(lp_j[on] - lp_t[on]).max() <= 1e-5 * max(1.0, np.abs(lp_t[on]).max())
     ours = dict(convert.to_torch_state(cfg, grads_j))
     hub_to_mem = {n.replace("model.language_model.", "model.").replace("model.visual.", "visual."): n
                   for n in grads_t}
