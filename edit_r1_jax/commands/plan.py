@@ -28,7 +28,8 @@ def add_parser(subparsers):
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="HBM per device in GiB (default: plan.hbm_gib of the config); enables the depth fit")
     p.add_argument("--layers", type=int, default=None, help="override the text-decoder depth of the plan")
-    p.add_argument("--no-fit", action="store_true", help="skip the largest-depth-that-fits search (2 more compiles)")
+    p.add_argument("--no-fit", action="store_true",
+                   help="skip the largest-depth-that-fits search (2 to 4 more compiles)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
     return p
 
@@ -116,13 +117,14 @@ def run(args) -> int:
     print(plan_lib.format_plan(mp, hbm), flush=True)
     out = {"config": args.config, "overrides": list(args.overrides), "plan": mp.as_dict(), "hbm_bytes": hbm}
     if hbm and not args.no_fit:
-        fit = plan_lib.fit_layers(cfg, devices, hbm)
-        print(f"  depth fit    total(L) = {plan_lib.human_bytes(fit.fixed_bytes)} + "
-              f"{plan_lib.human_bytes(fit.per_layer_bytes)} x L (compiled at L={fit.layers_probe}); "
+        fit = plan_lib.fit_layers(cfg, devices, hbm, base=mp)
+        checks = ", ".join(f"L={n}: {plan_lib.human_bytes(t)}" for n, t in fit.checked) or "none needed"
+        print(f"  depth fit    total(L) ~ {plan_lib.human_bytes(fit.fixed_bytes)} + "
+              f"{plan_lib.human_bytes(fit.per_layer_bytes)} x L (compiled at L={fit.layers_probe}); checked {checks}; "
               f"largest depth that fits {hbm_gib} GiB: {fit.max_layers} text layers")
         out["fit"] = {"layers_probe": list(fit.layers_probe), "total_probe": list(fit.total_probe),
                       "per_layer_bytes": fit.per_layer_bytes, "fixed_bytes": fit.fixed_bytes,
-                      "max_layers": fit.max_layers}
+                      "max_layers": fit.max_layers, "checked": [list(c) for c in fit.checked]}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=float)

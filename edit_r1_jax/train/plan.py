@@ -12,9 +12,9 @@ without calling ``init``), the batch is ``ShapeDtypeStruct``s, and ``make_train_
     temp_bytes     XLA: scratch live during the step = activations kept for the backward pass + workspace
     total_bytes    argument + output - alias + temp   (peak per device, up to XLA's liveness analysis)
 
-``fit_layers`` compiles the step at two text-decoder depths, fits ``total(L) = a + b * L`` (exact for a scanned
-decoder: per-layer params, moments, gradients and saved activations all scale with L) and returns the largest L with
-``total(L) <= hbm``.
+``fit_layers`` fits ``total(L) = a + b * L`` through the configured depth and half of it (per-layer params, moments,
+gradients and saved activations scale with L for a scanned decoder; XLA's buffer reuse makes it only roughly
+linear), then compiles the predicted largest depth that fits the HBM size to check it (stepping down if needed).
 
 Caveat: off TPU the numbers are XLA's buffer assignment for the backend the devices belong to (fake CPU devices when
 planning a pod from a workstation). Parameter and optimizer bytes are exact; temporaries on CPU can differ from
@@ -250,23 +250,48 @@ class LayerFit:
     fixed_bytes: float
     hbm_bytes: int
     max_layers: int            # 0: not even the embeddings/vision fit
+    checked: list              # [(layers, compiled total bytes)] of the verification compiles
 
     def predicted_total(self, layers: int) -> float:
         return self.fixed_bytes + self.per_layer_bytes * layers
 
 
-def fit_layers(config: Any, devices: Sequence[jax.Device], hbm_bytes: int,
-               probe: tuple[int, int] = (2, 4)) -> LayerFit:
-    """Largest text-decoder depth whose step fits ``hbm_bytes`` per device (linear fit over two compiled depths)."""
-    a, b = (memory_plan(build_sft_step(config, devices, layers=n)) for n in probe)
-    per = (b.total_bytes - a.total_bytes) / (probe[1] - probe[0])
-    fixed = a.total_bytes - per * probe[0]
-    if per <= 0:
-        max_l = 10 ** 6 if fixed <= hbm_bytes else 0
-    else:
-        max_l = max(0, int(np.floor((hbm_bytes - fixed) / per)))
-    return LayerFit(layers_probe=tuple(probe), total_probe=(a.total_bytes, b.total_bytes), per_layer_bytes=per,
-                    fixed_bytes=fixed, hbm_bytes=int(hbm_bytes), max_layers=max_l)
+def fit_layers(config: Any, devices: Sequence[jax.Device], hbm_bytes: int, *, base: MemoryPlan | None = None,
+               max_checks: int = 3) -> LayerFit:
+    """Largest text-decoder depth whose step fits ``hbm_bytes`` per device.
+
+    Linear fit ``total(L) = a + b L`` through the configured depth L (``base``, compiled if not given) and L/2,
+    then verified by compiling at the predicted depth and stepping down (at most ``max_checks`` compiles): XLA's
+    buffer reuse makes total(L) only roughly linear, so the answer is always a compiled, fitting depth when one of
+    the checks fits (``max_layers`` = 0 when even the smallest tried depth does not).
+    """
+    base = base if base is not None else memory_plan(build_sft_step(config, devices))
+    hi = base.layers
+    lo = max(1, hi // 2) if hi > 1 else 2
+    other = memory_plan(build_sft_step(config, devices, layers=lo))
+    per = (base.total_bytes - other.total_bytes) / (hi - lo)
+    fixed = base.total_bytes - per * hi
+    totals = {hi: base.total_bytes, lo: other.total_bytes}
+
+    def predict(budget):
+        if per <= 0:
+            return 4 * hi if fixed <= budget else 0
+        return max(0, int(np.floor((budget - fixed) / per)))
+    guess = predict(hbm_bytes)
+    checked = []
+    best = max([n for n, t in totals.items() if t <= hbm_bytes], default=0)
+    for _ in range(max_checks):
+        if guess <= 0 or guess in totals:
+            break
+        t = memory_plan(build_sft_step(config, devices, layers=guess)).total_bytes
+        totals[guess] = t
+        checked.append((guess, t))
+        if t <= hbm_bytes:
+            best = max(best, guess)
+            break
+        guess = max(0, guess - int(np.ceil((t - hbm_bytes) / max(per, 1.0))) - 1)
+    return LayerFit(layers_probe=(lo, hi), total_probe=(other.total_bytes, base.total_bytes), per_layer_bytes=per,
+                    fixed_bytes=fixed, hbm_bytes=int(hbm_bytes), max_layers=best, checked=checked)
 
 
 def human_bytes(n: float) -> str:
