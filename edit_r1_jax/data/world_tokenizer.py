@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import uuid
 from typing import Iterable
 
 from edit_r1_jax.rrm.prompts import DEFAULT_SYSTEM, SPECIAL_TOKENS
@@ -102,9 +104,20 @@ def load_world_tokenizer(path: str):
 
 
 def ensure_world_tokenizer(path: str, vocab_size: int = DEFAULT_VOCAB_SIZE, n_records: int = 400, seed: int = 0):
-    """Load the tokenizer cached at ``path``, training and saving it first if it is not there."""
+    """Load the tokenizer cached at ``path``, training and saving it first if it is not there.
+
+    Safe when several processes (multi-host runs on a shared disk) call it at once: each trains into its own temporary
+    directory and renames it to ``path`` (atomic); a reader never sees a half-written tokenizer.json."""
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        train_world_tokenizer(path, vocab_size, n_records, seed)
+        path = path.rstrip("/")
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        train_world_tokenizer(tmp, vocab_size, n_records, seed)
+        try:
+            os.rename(tmp, path)     # fails if another process's rename won (path is then a non-empty directory)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isfile(os.path.join(path, "tokenizer.json")):   # a directory with other files in it
+                train_world_tokenizer(path, vocab_size, n_records, seed)
     return load_world_tokenizer(path)
 
 
