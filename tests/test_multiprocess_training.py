@@ -169,6 +169,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.multihost
 def test_dead_process_fails_the_other_fast(runs):
     k = runs["killed"]
     assert k["rc1"] == -9 and f"kills itself (SIGKILL) after step {DIE_AT}; checkpoint {DIE_AT - 1} finalized: True" \
@@ -182,6 +183,7 @@ def test_dead_process_fails_the_other_fast(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.multihost
 def test_rerun_resumes_from_last_checkpoint(runs):
     log = runs["resumed_log"]
     assert log is not None, "the killed run did not go as planned (see test_dead_process_fails_the_other_fast)"
@@ -194,6 +196,7 @@ def test_rerun_resumes_from_last_checkpoint(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.multihost
 def test_two_processes_equal_one_process(runs):
     assert runs["resumed_log"] is not None, "the 2-process job did not finish"
     two, one = _metrics(runs["two"]), _metrics(runs["one"])
@@ -219,6 +222,7 @@ def test_two_processes_equal_one_process(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.multihost
 def test_checkpoint_restores_on_another_mesh_and_exports(runs, tmp_path, highest_precision):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
