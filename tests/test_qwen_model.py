@@ -87,6 +87,30 @@ def test_padded_batch_left_and_right(tiny, highest_precision):
     assert rel_err(ours, ref, mask) <= TOL
 
 
+def test_same_images_per_row_runs_the_tower_per_row(tiny, highest_precision):
+    """Each row carries the same two images' grid: the per-row (vmapped) vision path equals transformers; a row with
+    the wrong image-token count gets NaN instead of another row's features."""
+    model, cfg, params, _ = tiny
+    pair = np.array([[1, 4, 4], [1, 4, 6]])
+    grid = np.concatenate([pair, pair])
+    assert q.model.row_grid(grid, 2) is not None
+    pv = T.pixel_values_for(grid, seed=5)
+    rows = [[1, 5] + T.image_tokens(pair[0]) + [7] + T.image_tokens(pair[1]) + [3],
+            [1] + T.image_tokens(pair[0]) + T.image_tokens(pair[1]) + [6, 20, 21]]
+    t = max(map(len, rows)) + 1
+    ids, mask = np.zeros((2, t), np.int64), np.zeros((2, t), np.int64)
+    ids[0, t - len(rows[0]):], mask[0, t - len(rows[0]):] = rows[0], 1
+    ids[1, :len(rows[1])], mask[1, :len(rows[1])] = rows[1], 1
+    ours = q.forward(cfg, params, ids, mask, pv, grid)
+    assert rel_err(ours, torch_logits(model, ids, mask, pv, grid), mask) <= TOL
+    bad = ids.copy()
+    bad[1, np.flatnonzero(bad[1] == 10)[0]] = 20          # row 1 loses an image token, row 0 gains one:
+    bad[0, -1] = 10                                        # same total (passes the count check), wrong rows
+    out = np.asarray(q.forward(cfg, params, bad, mask, pv, grid))
+    assert np.isnan(out[0]).any() and np.isnan(out[1]).any()
+    assert np.isfinite(np.asarray(q.forward(cfg, params, ids, mask, pv, grid))).all()
+
+
 def test_text_padded_batch(tiny, highest_precision):
     model, cfg, params, _ = tiny
     ids = np.array([[0, 0, 0, 1, 5, 17, 33, 40], [1, 7, 9, 20, 21, 0, 0, 0]])

@@ -58,6 +58,11 @@ def sharding_context(mesh, rules):
         _SHARDING.reset(token)
 
 
+def current_sharding():
+    """(mesh, rules) of the enclosing ``sharding_context``, or None."""
+    return _SHARDING.get()
+
+
 def constrain(x, names):
     """Logical sharding constraint on an activation.
 

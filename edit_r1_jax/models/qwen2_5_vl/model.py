@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
-from edit_r1_jax.models.qwen2_5_vl.common import RMSNorm, constrain, default_init, dense, sharding_context
+from edit_r1_jax.models.qwen2_5_vl.common import (RMSNorm, constrain, current_sharding, default_init, dense,
+                                                  sharding_context)
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.text import decoder_stack, mrope_cos_sin
 from edit_r1_jax.models.qwen2_5_vl.vision import VisionTower, meta_arrays
@@ -152,13 +153,71 @@ def position_ids_for(cfg, input_ids, attention_mask, grid):
                                    cfg.vision.spatial_merge_size)[0]
 
 
+def row_grid(grid, batch: int) -> np.ndarray | None:
+    """The per-row image grid [k, 3] when ``grid`` is the same k images' grid repeated for each of ``batch`` rows
+    (e.g. the RRM's (source, edited) pair), else None."""
+    if grid is None or batch <= 1:
+        return None
+    g = np.asarray(grid).reshape(-1, 3)
+    if len(g) % batch:
+        return None
+    per = g.reshape(batch, -1, 3)
+    return per[0] if (per == per[0]).all() else None
+
+
+def splice_images_per_row(x_btd, input_ids, feats_bmd, image_token_id: int):
+    """``splice_images`` when row b's image tokens take ``feats_bmd[b]`` (in order). A row whose image-token count is
+    not M gets NaN at its image positions (loud, e.g. for the train step's NaN guard) instead of wrong features."""
+    is_img = input_ids == image_token_id
+    m = feats_bmd.shape[1]
+    idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, m - 1)                       # [B, T]
+    gathered = jnp.take_along_axis(feats_bmd, idx[..., None], axis=1).astype(x_btd.dtype)
+    ok_b = jnp.sum(is_img, axis=1) == m
+    gathered = jnp.where(ok_b[:, None, None], gathered, jnp.nan)
+    return jnp.where(is_img[..., None], gathered, x_btd)
+
+
+def encode_images_per_row(module: Qwen25VL, cfg, pixel_values, grid_row: np.ndarray, batch: int):
+    """The vision tower once per row (``jax.vmap`` over rows of [B, P, patch_dim]): every gather (windows, merge
+    order) stays inside a row, so rows split over the data-parallel axes without any device holding the patches of
+    the whole batch (the flat path's gathers over all B*P patches make XLA all-gather them). -> [B, M, D]."""
+    vparams = module.variables["params"]["visual"]
+    tower = VisionTower(cfg.vision, cfg.attention_backend, cfg.remat_policy, False)
+    meta = meta_arrays(vision_meta(np.asarray(grid_row), cfg.vision))
+    pv_bpd = constrain(pixel_values.reshape(batch, -1, pixel_values.shape[-1]), ("activation_batch", None, None))
+    ctx = current_sharding()
+    inner, spmd_axes = (None, ()), None
+    if ctx is not None:
+        # inside the vmap the row axis is the batch: vmap's spmd_axis_name adds the data-parallel mesh axes to every
+        # constraint of the tower at the row dim, and the tower's own "batch" names map to nothing
+        mesh, rules = ctx
+        table = dict(rules)
+        axes = table.get("activation_batch")
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if axes and batch % size == 0:
+            spmd_axes = axes if len(axes) > 1 else axes[0]
+            inner = (mesh, tuple((k, None if k in ("batch", "activation_batch") else v) for k, v in rules))
+    with sharding_context(*inner):
+        feats = jax.vmap(lambda pv: tower.apply({"params": vparams}, pv, meta), spmd_axis_name=spmd_axes)(pv_bpd)
+    return constrain(feats, ("activation_batch", None, "activation_embed"))
+
+
 def embed_inputs(module: Qwen25VL, cfg, input_ids, pixel_values, grid):
     """Token embeddings with image features spliced in (inside ``module.apply``).
 
+    When every row has the same images' grid (``row_grid``) the vision tower runs per row (``encode_images_per_row``;
+    rows must then hold their own images' tokens, in order) except when collecting hidden states.
     -> (inputs_embeds [B,T,D], vision output or None: features, or (features, per-block hidden) if collecting).
     """
     x = module.embed(input_ids)
     vis = None
+    per_row = None if module.collect_hidden else row_grid(grid, input_ids.shape[0])
+    if per_row is not None:
+        feats_bmd = encode_images_per_row(module, cfg, pixel_values, per_row, input_ids.shape[0])
+        x = splice_images_per_row(x, input_ids, feats_bmd, cfg.image_token_id)
+        return x, feats_bmd.reshape(-1, feats_bmd.shape[-1])
     if grid is not None:
         meta = meta_arrays(vision_meta(np.asarray(grid), cfg.vision))
         vis = module.encode_images(pixel_values, meta)
