@@ -68,21 +68,29 @@ def attention_mask_from_segments(q_segment_ids: jax.Array | None, kv_segment_ids
     return mask
 
 
+KV_LAYOUTS = {"bshd": "bskd", "bhsd": "bksd"}   # key/value axis order -> einsum letters (k = kv head)
+
+
 def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *, mask: jax.Array | None = None,
-                          bias: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+                          bias: jax.Array | None = None, scale: float | None = None,
+                          kv_layout: str = "bshd") -> jax.Array:
     """softmax(q k^T * scale + bias, masked) v with grouped-query heads (H_q a multiple of H_kv).
 
-    q [B,T,Hq,D], k/v [B,S,Hkv,D], mask bool broadcastable to [B,Hq,T,S], bias float broadcastable likewise.
-    Rows with no visible key produce zeros (not NaN).
+    q [B,T,Hq,D], k/v [B,S,Hkv,D] (``kv_layout="bshd"``) or [B,Hkv,S,D] (``"bhsd"``: the KV-cache decode layout,
+    whose per-head [S,D] blocks feed the matmuls without a transpose copy), mask bool broadcastable to [B,Hq,T,S],
+    bias float broadcastable likewise. Rows with no visible key produce zeros (not NaN).
     """
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"attention: kv_layout={kv_layout!r}, expected one of {sorted(KV_LAYOUTS)}")
+    kv = KV_LAYOUTS[kv_layout]
     b, t, hq, d = q_bthd.shape
-    hkv = k_bshd.shape[2]
+    hkv = k_bshd.shape[2 if kv_layout == "bshd" else 1]
     if hq % hkv:
         raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} key/value heads")
     rep = hq // hkv
     scale = d ** -0.5 if scale is None else scale
     q_btkrd = q_bthd.reshape(b, t, hkv, rep, d)
-    logits_bkrts = jnp.einsum("btkrd,bskd->bkrts", q_btkrd, k_bshd,
+    logits_bkrts = jnp.einsum(f"btkrd,{kv}->bkrts", q_btkrd, k_bshd,
                               preferred_element_type=jnp.float32) * scale
     logits = logits_bkrts.reshape(b, hq, t, -1)
     if bias is not None:
@@ -93,19 +101,25 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
     if mask is not None:
         probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
     probs_bkrts = probs.reshape(b, hkv, rep, t, -1).astype(v_bshd.dtype)
-    out = jnp.einsum("bkrts,bskd->btkrd", probs_bkrts, v_bshd, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkrts,{kv}->btkrd", probs_bkrts, v_bshd, preferred_element_type=jnp.float32)
     return out.reshape(b, t, hq, d).astype(q_bthd.dtype)
 
 
 def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *, causal: bool = False,
               q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
               q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
-              bias: jax.Array | None = None, scale: float | None = None, backend: str = "xla") -> jax.Array:
-    """The one attention entry point used by every model. See the module docstring for masks and backends."""
+              bias: jax.Array | None = None, scale: float | None = None, backend: str = "xla",
+              kv_layout: str = "bshd") -> jax.Array:
+    """The one attention entry point used by every model. See the module docstring for masks and backends.
+
+    ``kv_layout``: "bshd" (k/v [B,S,Hkv,D], default) or "bhsd" ([B,Hkv,S,D], KV-cache decoding; "xla" only)."""
     if backend == "xla":
+        s = k_bshd.shape[1 if kv_layout == "bshd" else 2]
         mask = attention_mask_from_segments(q_segment_ids, kv_segment_ids, causal, q_positions, kv_positions,
-                                            q_bthd.shape[1], k_bshd.shape[1])
-        return dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask, bias=bias, scale=scale)
+                                            q_bthd.shape[1], s)
+        return dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask, bias=bias, scale=scale, kv_layout=kv_layout)
+    if kv_layout != "bshd":
+        raise ValueError(f"attention backend '{backend}' supports kv_layout='bshd' only, got {kv_layout!r}")
     if backend == "splash":
         from edit_r1_jax.models import splash  # provided by the Qwen2.5-VL port
         return splash.splash_attention(q_bthd, k_bshd, v_bshd, causal=causal, q_segment_ids=q_segment_ids,

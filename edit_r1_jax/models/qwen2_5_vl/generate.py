@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
+from edit_r1_jax.models.qwen2_5_vl import text as text_lib
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
 from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _prep, embed_inputs, sharding_of
@@ -78,14 +79,17 @@ def _generate_body(params, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, *, 
         h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)    # [B, 1, D]
         return mdl.logits(h_last)[:, 0], new_cache
 
-    def step(mdl, tok_b, i, cache_):
+    layer_params = text_lib.unstack_layers(params["layers"], t.num_hidden_layers)   # once, outside the loop
+
+    def step(mdl, tok_b, i, caches):
         x = mdl.embed(tok_b[:, None])
         pos = jnp.broadcast_to((next_pos_b + i)[None, :, None], (3, b, 1))
-        h, new_cache, _ = mdl.decode(x, pos, jnp.ones((b, 1), jnp.int32), cache_, tp + i, kv_seg_bs)
-        return mdl.logits(h)[:, 0], new_cache
+        h, caches = mdl.decode_step(x, pos, jnp.ones((b, 1), jnp.int32), caches, tp + i, kv_seg_bs, layer_params)
+        return mdl.logits(h)[:, 0], caches
 
     variables = {"params": params}
     logits0, cache = nn.apply(prefill, module)(variables)
+    cache = text_lib.stack_cache_to_step(cache)                     # per layer (K, V) [B, Hkv, S, hd]
     rng, sub = jax.random.split(rng)
     tok0, lp0 = _select(logits0, sub, temperature, top_k, top_p)
     tokens = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok0)

@@ -24,7 +24,7 @@ from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
 from edit_r1_jax.models.qwen2_5_vl.common import (RMSNorm, constrain, current_sharding, default_init, dense,
                                                   sharding_context)
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from edit_r1_jax.models.qwen2_5_vl.text import decoder_stack, mrope_cos_sin
+from edit_r1_jax.models.qwen2_5_vl.text import decode_layers_unrolled, decoder_stack, mrope_cos_sin
 from edit_r1_jax.models.qwen2_5_vl.vision import VisionTower, meta_arrays
 from edit_r1_jax.models.qwen2_5_vl.vision_meta import vision_meta
 
@@ -56,6 +56,16 @@ class Qwen25VL(nn.Module):
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x_btd.dtype)
         x_btd, (new_cache, hidden) = self.layers(x_btd, cache, cos, sin, segment_ids, cache_index, kv_segment_ids)
         return self.norm(x_btd), new_cache, hidden
+
+    def decode_step(self, x_btd, position_ids, segment_ids, caches, cache_index, kv_segment_ids, layer_params):
+        """``decode`` for a KV-cache decode step: layers unrolled on ``layer_params`` (``text.unstack_layers``),
+        per-layer caches [B, Hkv, S, hd] (``text.stack_cache_to_step``). -> (hidden [B,T,D] normed, new caches)."""
+        t = self.cfg.text
+        x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
+        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x_btd.dtype)
+        x_btd, caches = decode_layers_unrolled(t, layer_params, x_btd, caches, cos, sin, segment_ids, cache_index,
+                                               kv_segment_ids)
+        return self.norm(x_btd), caches
 
     def logits(self, h_btd):
         if self.cfg.tie_word_embeddings:

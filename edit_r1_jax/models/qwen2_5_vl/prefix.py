@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
+from edit_r1_jax.models.qwen2_5_vl import text as text_lib
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.generate import _select, round_up
@@ -65,17 +66,21 @@ def _body(params, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt, suf_mask_
         h_last = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)      # [B, 1, D]
         return mdl.logits(h_last)[:, 0], cache
 
-    def step(mdl, tok_b, i, cache):
+    layer_params = text_lib.unstack_layers(params["layers"], t.num_hidden_layers)   # once, outside the loop
+
+    def step(mdl, tok_b, i, caches):
         x = mdl.embed(tok_b[:, None])
         pos = jnp.broadcast_to((next_pos_b + i)[None, :, None], (3, b, 1))
-        h, cache, _ = mdl.decode(x, pos, jnp.ones((b, 1), jnp.int32), cache, tp + ts + i, kv_seg_bs)
-        return mdl.logits(h)[:, 0], cache
+        h, caches = mdl.decode_step(x, pos, jnp.ones((b, 1), jnp.int32), caches, tp + ts + i, kv_seg_bs,
+                                    layer_params)
+        return mdl.logits(h)[:, 0], caches
 
     variables = {"params": params}
     cache_p = nn.apply(prefill_prefix, module)(variables)                        # 2 x [L, P, Tp, Hkv, hd]
     # copy each group's prefix cache to its rows, with room for the suffix and the generated tokens
     cache_b = tuple(jnp.pad(c[:, gidx_b], ((0, 0), (0, 0), (0, cache_len - tp), (0, 0), (0, 0))) for c in cache_p)
     logits0, cache_b = nn.apply(prefill_suffix, module)(variables, cache_b)
+    cache_b = text_lib.stack_cache_to_step(cache_b)                             # per layer (K, V) [B, Hkv, S, hd]
     rng, sub = jax.random.split(rng)
     tok0, lp0 = _select(logits0, sub, temperature, top_k, top_p)
     tokens = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok0)

@@ -8,6 +8,12 @@ Module map (ours -> torch):
 Layers are stacked with ``nn.scan`` (leading 'layers' axis on every weight). A layer optionally reads/writes a KV
 cache slice (generation): new keys/values are written at ``cache_index`` and queries attend to cache slots
 ``<=`` their own slot whose ``kv_segment_ids`` is non-zero.
+
+Two cache layouts: the scanned stack (prefill) holds ``[L, B, S, Hkv, hd]`` per K/V; the single-token decode step
+(``decode_layers_unrolled``) runs the layers as a Python loop on per-layer weights and per-layer caches
+``[B, Hkv, S, hd]`` ("bhsd"). Inside a ``while_loop`` the scan's dynamic slicing of the stacked weights and caches
+copies every layer's weights (and its cache, plus a transposed copy for the attention matmuls) on every token; the
+unrolled form reads weights and caches in place and updates each cache in place (one token's slot).
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ def apply_rotary_activation_dtype(x_bthd, cos_btd, sin_btd):
 class Attention(nn.Module):
     cfg: TextConfig
     backend: str = "xla"
+    cache_layout: str = "bshd"      # "bshd": cache [B,S,Hkv,hd] (scanned stack); "bhsd": [B,Hkv,S,hd] (decode step)
 
     @nn.compact
     def __call__(self, x_btd, cos, sin, segment_ids, cache=None, cache_index=None, kv_segment_ids=None):
@@ -79,15 +86,20 @@ class Attention(nn.Module):
         else:
             ck_bshd, cv_bshd = cache
             b, t = x_btd.shape[:2]
-            s = ck_bshd.shape[1]
-            ck_bshd = jax.lax.dynamic_update_slice(ck_bshd, k_bthd.astype(ck_bshd.dtype), (0, cache_index, 0, 0))
-            cv_bshd = jax.lax.dynamic_update_slice(cv_bshd, v_bthd.astype(cv_bshd.dtype), (0, cache_index, 0, 0))
+            if self.cache_layout == "bhsd":               # ck_bshd / cv_bshd are [B, Hkv, S, hd] here
+                s = ck_bshd.shape[2]
+                k_new, v_new, at = k_bthd.transpose(0, 2, 1, 3), v_bthd.transpose(0, 2, 1, 3), (0, 0, cache_index, 0)
+            else:
+                s = ck_bshd.shape[1]
+                k_new, v_new, at = k_bthd, v_bthd, (0, cache_index, 0, 0)
+            ck_bshd = jax.lax.dynamic_update_slice(ck_bshd, k_new.astype(ck_bshd.dtype), at)
+            cv_bshd = jax.lax.dynamic_update_slice(cv_bshd, v_new.astype(cv_bshd.dtype), at)
             q_pos = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
             kv_pos = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
             q_seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
             out = layers.attention(q_bthd, ck_bshd.astype(q_bthd.dtype), cv_bshd.astype(q_bthd.dtype), causal=True,
                                    q_segment_ids=q_seg, kv_segment_ids=kv_segment_ids, q_positions=q_pos,
-                                   kv_positions=kv_pos, backend="xla")
+                                   kv_positions=kv_pos, backend="xla", kv_layout=self.cache_layout)
             new_cache = (ck_bshd, cv_bshd)
         o = dense(c.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, axis=(-2, -1), name="o_proj")(out)
         return o, new_cache
@@ -110,11 +122,12 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     backend: str = "xla"
     collect_hidden: bool = False
+    cache_layout: str = "bshd"
 
     @nn.compact
     def __call__(self, x_btd, cache, cos, sin, segment_ids, cache_index, kv_segment_ids):
         c = self.cfg
-        h, new_cache = Attention(c, self.backend, name="self_attn")(
+        h, new_cache = Attention(c, self.backend, self.cache_layout, name="self_attn")(
             RMSNorm(c.rms_norm_eps, name="input_layernorm")(x_btd), cos, sin, segment_ids, cache, cache_index,
             kv_segment_ids)
         x_btd = x_btd + checkpoint_name(h, "attn_out")
@@ -133,3 +146,30 @@ def decoder_stack(cfg: TextConfig, backend: str, remat: str, collect_hidden: boo
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, backend, collect_hidden, name=name)
+
+
+def unstack_layers(stacked: dict, num_layers: int) -> list:
+    """Per-layer param trees (torch ``layers.i``) from the scanned stack's params (leading 'layers' axis)."""
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)]
+
+
+def stack_cache_to_step(cache) -> tuple:
+    """Scanned-stack cache (K, V each [L, B, S, Hkv, hd]) -> per-layer ((K, V) each [B, Hkv, S, hd], ...)."""
+    ck, cv = cache
+    return tuple((ck[i].transpose(0, 2, 1, 3), cv[i].transpose(0, 2, 1, 3)) for i in range(ck.shape[0]))
+
+
+def decode_layers_unrolled(cfg: TextConfig, layer_params: list, x_btd, caches, cos, sin, segment_ids, cache_index,
+                           kv_segment_ids):
+    """The decoder stack as a Python loop over layers for KV-cache decoding (same math as the scanned stack).
+
+    layer_params: ``unstack_layers(params['layers'])`` (hoist it out of the decode loop); caches: per-layer
+    (K, V) [B, Hkv, S, hd] (``stack_cache_to_step``). -> (x [B,T,D] before the final norm, new caches).
+    """
+    layer = DecoderLayer(cfg, "xla", False, "bhsd", parent=None)
+    new = []
+    for p, cache in zip(layer_params, caches):
+        x_btd, (cache, _) = layer.apply({"params": p}, x_btd, cache, cos, sin, segment_ids, cache_index,
+                                        kv_segment_ids)
+        new.append(cache)
+    return x_btd, tuple(new)
