@@ -48,6 +48,26 @@ def test_block_diagonal_segments(highest_precision):
     np.testing.assert_allclose(np.asarray(out), _ref_attention(q, k, v, mask[:, None]), rtol=1e-6, atol=1e-6)
 
 
+def test_bhsd_kv_layout_decode_step(highest_precision):
+    """kv_layout='bhsd' (the KV-cache decode layout, k/v [B,Hkv,S,D]) against the reference: one query per row at
+    cache slot 5 of 8, left-padded row, GQA 4/2."""
+    rng = np.random.default_rng(3)
+    b, s, hq, hkv, d = 2, 8, 4, 2, 8
+    q = rng.standard_normal((b, 1, hq, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, s, hkv, d)).astype(np.float32) for _ in range(2))
+    kv_seg = np.array([[1] * s, [0, 0, 1, 1, 1, 1, 1, 1]], np.int32)
+    q_pos, kv_pos = np.full((b, 1), 5), np.broadcast_to(np.arange(s), (b, s))
+    out = layers.attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 1, 3)), jnp.asarray(v.transpose(0, 2, 1, 3)),
+                           causal=True, q_segment_ids=np.ones((b, 1), np.int32), kv_segment_ids=kv_seg,
+                           q_positions=q_pos, kv_positions=kv_pos, kv_layout="bhsd")
+    mask = (kv_seg[:, None, :] > 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])
+    np.testing.assert_allclose(np.asarray(out), _ref_attention(q, k, v, mask[:, None]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="kv_layout='bsdh'"):
+        layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), kv_layout="bsdh")
+    with pytest.raises(ValueError, match="supports kv_layout='bshd' only"):
+        layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend="splash", kv_layout="bhsd")
+
+
 def test_unknown_backend():
     x = jnp.zeros((1, 2, 1, 4))
     with pytest.raises(ValueError, match="attention backend 'flash9' is unknown"):
