@@ -190,7 +190,7 @@ def test_builders_are_deterministic_and_prefix_stable():
         assert [r["instruction"] for r in a] != [r["instruction"] for r in other]
 
 
-@pytest.mark.parametrize("style", ["full", "compact", "minimal"])
+@pytest.mark.parametrize("style", ["full", "compact", "minimal", "brief"])
 def test_sft_traces_parse_back_to_the_gold_verdicts_and_score(style):
     recs = S.make_sft_records(40, seed=1, size=64, style=style)
     for r in recs:

@@ -6,8 +6,11 @@ score; a blank line; the per-point list; the ``average_score`` object; ``<score>
 rng (openings, connectives, verdict phrases).
 
 Styles: ``"full"`` (the layout above, ~550 tokens with the world tokenizer), ``"compact"`` (one short observation
-line per point, then the same list; ~320 tokens) and ``"minimal"`` (no reasoning, bare list ``[1, 0, ...]``, average
-and score; ~40 tokens), the last two for tiny CPU runs where decoding length dominates.
+line per point, then the same list; ~320 tokens), ``"brief"`` (the compact observation lines, then the bare list
+``[1, 0, ...]``, average and score; ~165 tokens) and ``"minimal"`` (no reasoning, bare list, average and score; ~40
+tokens), the last three for tiny CPU runs where decoding length dominates. ``"brief"`` puts each verdict right after a
+grounded observation of what the point is about (denser supervision than ``"minimal"`` at half the length of
+``"compact"``).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from edit_r1_jax.data.synthetic_principles import View
 from edit_r1_jax.data.synthetic_scene import CELL_NAMES
 from edit_r1_jax.rrm.prompts import format_assistant_output, format_number
 
-STYLES = ("full", "compact", "minimal")
+STYLES = ("full", "compact", "minimal", "brief")   # world_texts() trains the tokenizer on the first three
 OPENINGS = ("Let me go through the evaluation points one by one.",
             "I will compare the original and the edited image point by point.",
             "Checking each evaluation point against the two images:",
@@ -133,5 +136,5 @@ def make_trace(principles: list, verdicts: list, score: float, src: View, cand: 
                      f"{format_number(avg)}.")
         lines.append(conclusion(principles, verdicts, score, no_edit, rng))
     reasoning = "\n".join(lines)
-    return format_assistant_output(reasoning, principles, verdicts, score, average=avg)
+    return format_assistant_output(reasoning, None if style == "brief" else principles, verdicts, score, average=avg)
 
