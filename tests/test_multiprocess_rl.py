@@ -28,10 +28,8 @@ logged metric (rewards, kept samples, sampler log-prob mean, losses, gradient no
 ~85 s, 1-process run ~50 s.
 """
 import glob
-import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -50,47 +48,8 @@ GRPO_OVERRIDES = [f"train.steps={STEPS}", "grpo.ppo_epochs=2", "grpo.eval_at_sta
                   "train.warmup_steps=0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.checkpoint_every=100"]
 ROUNDING_SIZED = {"approx_kl", "kl", "logp_abs_diff_max", "logp_abs_diff_mean", "ratio_max", "ratio_min",
                   "ratio_mean"}
-XLA_EXTRA = "--xla_backend_optimization_level=0"      # as in test_multiprocess_training.py: halves compile time
-
-
-def _env(**extra) -> dict:
-    # no persistent compilation cache (see test_multiprocess_training._env: gloo's 30 s rendezvous)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDIT_R1_", "JAX_COMPILATION_CACHE"))}
-    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", EDIT_R1_TEST_XLA_EXTRA=XLA_EXTRA,
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.update(extra)
-    return env
-
-
-def _launch(nproc: int, worker: list, timeout: int) -> str:
-    """``worker`` (argv) through launchers/local_multiprocess.sh on ``nproc`` processes, or (0) one plain process
-    with 8 devices. Returns the combined log (asserts rc 0)."""
-    if nproc:
-        cmd, env = ["bash", "launchers/local_multiprocess.sh", str(nproc), *worker], _env()
-    else:
-        cmd, env = worker, _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    log = p.stdout + p.stderr
-    assert p.returncode == 0, log[-5000:]
-    return log
-
-
-def _metrics(workdir: str) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-
-
-def _safetensors(d: str) -> dict:
-    from safetensors.numpy import load_file
-    out = {}
-    for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
-        out.update(load_file(f))
-    assert out, f"no safetensors in {d}"
-    return out
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+from helpers.multiprocess_common import launch as _launch, load_safetensors_dir as _safetensors  # noqa: E402
+from helpers.multiprocess_common import read_metrics as _metrics, rel_err as _rel  # noqa: E402
 
 
 def _sets(overrides) -> list:

@@ -15,8 +15,6 @@ Checks:
      highest precision, 1e-5);
   3. the dead process fails the other fast, and the rerun resumed from the last finalized checkpoint.
 """
-import glob
-import json
 import os
 import re
 import socket
@@ -40,7 +38,9 @@ OVERRIDES = ["train.steps=3", "train.global_batch_size=8", "data.num_train=16", 
 # every training run is a subprocess compiled with the same flags (the LLVM optimization level changes fp32 last
 # bits, so the 1-process reference must not run in this process); level 0 halves the CPU compile time. The launcher
 # sets XLA_FLAGS to its device count only: the workers append these (tests/helpers/mp_sft_run.py).
-XLA_EXTRA = "--xla_backend_optimization_level=0"
+from helpers.multiprocess_common import launch, subprocess_env  # noqa: E402
+from helpers.multiprocess_common import load_safetensors_dir as _safetensors, read_metrics as _metrics  # noqa: E402
+from helpers.multiprocess_common import rel_err as _rel  # noqa: E402
 HEARTBEAT_S = 10
 DIE_AT = 2
 
@@ -56,15 +56,7 @@ def _cli_args(workdir: str, tokenizer: str) -> list[str]:
     return args
 
 
-def _env(**extra) -> dict:
-    # No persistent compilation cache: its keys differ per process and only process 0 writes it, so with a warm
-    # cache process 0 would reach the first collective long before process 1 has compiled, past gloo's fixed 30 s
-    # rendezvous timeout ("Gloo context initialization failed").
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDIT_R1_", "JAX_COMPILATION_CACHE"))}
-    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", EDIT_R1_TEST_XLA_EXTRA=XLA_EXTRA,
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.update(extra)
-    return env
+_env = subprocess_env
 
 
 def _free_port() -> int:
@@ -114,33 +106,8 @@ def _run_and_kill_process_1(workdir: str, tokenizer: str, logdir: str) -> dict:
 def _launch(nproc: int, workdir: str, tokenizer: str, timeout: int) -> str:
     """launchers/local_multiprocess.sh N python mp_sft_run.py sft ...; nproc=0: one plain process with 8 devices.
     Returns the combined log (asserts rc 0)."""
-    worker = [sys.executable, HELPER, *_cli_args(workdir, tokenizer)]
-    if nproc:
-        cmd, env = ["bash", "launchers/local_multiprocess.sh", str(nproc), *worker], _env()
-    else:
-        cmd, env = worker, _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    log = p.stdout + p.stderr
-    assert p.returncode == 0, log[-4000:]
-    return log
+    return launch(nproc, [sys.executable, HELPER, *_cli_args(workdir, tokenizer)], timeout, log_tail=4000)
 
-
-def _metrics(workdir: str) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-
-
-def _safetensors(d: str) -> dict:
-    from safetensors.numpy import load_file
-    out = {}
-    for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
-        out.update(load_file(f))
-    assert out, f"no safetensors in {d}"
-    return out
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.fixture(scope="module")
