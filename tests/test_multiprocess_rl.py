@@ -48,8 +48,8 @@ GRPO_OVERRIDES = [f"train.steps={STEPS}", "grpo.ppo_epochs=2", "grpo.eval_at_sta
                   "train.warmup_steps=0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.checkpoint_every=100"]
 ROUNDING_SIZED = {"approx_kl", "kl", "logp_abs_diff_max", "logp_abs_diff_mean", "ratio_max", "ratio_min",
                   "ratio_mean"}
-from helpers.multiprocess_common import launch as _launch, load_safetensors_dir as _safetensors  # noqa: E402
-from helpers.multiprocess_common import read_metrics as _metrics, rel_err as _rel  # noqa: E402
+from helpers.multiprocess_common import launch as _launch  # noqa: E402
+from helpers.multiprocess_common import compare_exports, read_metrics as _metrics  # noqa: E402
 
 
 def _sets(overrides) -> list:
@@ -128,15 +128,9 @@ def test_two_process_gcpo_equals_one_process(runs):
             # is bounded on the scale of its terms, |A_i| (adv_abs_mean)
             scale = b["adv_abs_mean"] if k in ("loss", "policy_loss") else abs(b[k])
             assert abs(a[k] - b[k]) <= 1e-6 * scale, (a["step"], k, a[k], b[k])
-    p2, p1 = _safetensors(os.path.join(runs["two"], "hf")), _safetensors(os.path.join(runs["one"], "hf"))
-    assert sorted(p2) == sorted(p1)
-    num = sum(float(np.sum((p2[k].astype(np.float64) - p1[k]) ** 2)) for k in p1)
-    den = sum(float(np.sum(p1[k].astype(np.float64) ** 2)) for k in p1)
-    errs = {k: _rel(p2[k], p1[k]) for k in p1}
-    worst = max(errs, key=errs.get)
-    print(f"params: relative error {np.sqrt(num / den):.2e} overall, worst tensor {errs[worst]:.2e} ({worst})")
-    assert np.sqrt(num / den) <= 1e-6
-    assert errs[worst] <= 1e-6, (worst, errs[worst])
+    overall, worst, worst_err = compare_exports(os.path.join(runs["two"], "hf"), os.path.join(runs["one"], "hf"))
+    assert overall <= 1e-6
+    assert worst_err <= 1e-6, (worst, worst_err)
 
 
 def _safetensors_tree(d: str) -> dict:

@@ -40,7 +40,7 @@ OVERRIDES = ["train.steps=3", "train.global_batch_size=8", "data.num_train=16", 
 # sets XLA_FLAGS to its device count only: the workers append these (tests/helpers/mp_sft_run.py).
 from helpers.multiprocess_common import launch, subprocess_env  # noqa: E402
 from helpers.multiprocess_common import load_safetensors_dir as _safetensors, read_metrics as _metrics  # noqa: E402
-from helpers.multiprocess_common import rel_err as _rel  # noqa: E402
+from helpers.multiprocess_common import compare_exports  # noqa: E402
 HEARTBEAT_S = 10
 DIE_AT = 2
 
@@ -177,15 +177,9 @@ def test_two_processes_equal_one_process(runs):
     # parameter vector <= 1e-6; per tensor <= 1e-5 (measured: ~5e-9 overall, worst tensor ~7e-7, a k_proj bias:
     # biases start at 0, so after 3 Adam steps they are sums of per-element normalized updates, the most sensitive
     # values to the last-bit differences of the gradient all-reduce, gloo across processes vs in-process)
-    p2, p1 = _safetensors(os.path.join(runs["two"], "hf")), _safetensors(os.path.join(runs["one"], "hf"))
-    assert sorted(p2) == sorted(p1)
-    num = sum(float(np.sum((p2[k].astype(np.float64) - p1[k]) ** 2)) for k in p1)
-    den = sum(float(np.sum(p1[k].astype(np.float64) ** 2)) for k in p1)
-    errs = {k: _rel(p2[k], p1[k]) for k in p1}
-    worst = max(errs, key=errs.get)
-    print(f"params: relative error {np.sqrt(num / den):.2e} overall, worst tensor {errs[worst]:.2e} ({worst})")
-    assert np.sqrt(num / den) <= 1e-6
-    assert errs[worst] <= 1e-5, (worst, errs[worst])
+    overall, worst, worst_err = compare_exports(os.path.join(runs["two"], "hf"), os.path.join(runs["one"], "hf"))
+    assert overall <= 1e-6
+    assert worst_err <= 1e-5, (worst, worst_err)
 
 
 @pytest.mark.slow

@@ -59,3 +59,17 @@ def rel_err(a, b) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def compare_exports(dir_a: str, dir_b: str) -> tuple[float, str, float]:
+    """Two exported safetensors directories with the same tensor names -> (relative error of the whole parameter
+    vector, name of the worst tensor, its relative error), ``b`` as the reference; prints them."""
+    a, b = load_safetensors_dir(dir_a), load_safetensors_dir(dir_b)
+    assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
+    num = sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in b)
+    den = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in b)
+    errs = {k: rel_err(a[k], b[k]) for k in b}
+    worst = max(errs, key=errs.get)
+    overall = float(np.sqrt(num / max(den, 1e-300)))
+    print(f"params: relative error {overall:.2e} overall, worst tensor {errs[worst]:.2e} ({worst})")
+    return overall, worst, errs[worst]
