@@ -204,7 +204,8 @@ def test_completion_mask():
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)], ids=["2x2x2", "fsdp8"])
 def test_sharded_update_equals_unsharded(tiny, reference, shape, highest_precision):
     """The same rollout, 2 PPO epochs on a sharded state: losses, gradient norm and params within 1e-6 relative
-    (zero-initialised leaves 1e-5), and every leaf's update within 1e-3 of its own size."""
+    (the whole parameter vector and every leaf, zero-initialised leaves 1e-5), and every leaf's update within 1e-3
+    of its own size."""
     state, step = _gcpo_step(tiny, shape)
     assert state.params["embed_tokens"]["embedding"].addressable_shards[0].data.size < \
         state.params["embed_tokens"]["embedding"].size
@@ -215,6 +216,8 @@ def test_sharded_update_equals_unsharded(tiny, reference, shape, highest_precisi
     np.testing.assert_allclose(m["last_epoch/loss"], ref["last_epoch/loss"], rtol=1e-6)
     np.testing.assert_allclose(m["grad_norm"], ref["grad_norm"], rtol=1e-6)
     got = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    flat = lambda leaves: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves])   # noqa: E731
+    assert _rel(flat([a for _, a in got]), flat(jax.tree.leaves(reference["params"]))) <= 1e-6   # whole vector
     for (path, a), b, b0 in zip(got, jax.tree.leaves(reference["params"]), jax.tree.leaves(reference["params0"])):
         a, name = np.asarray(a), jax.tree_util.keystr(path)
         # zero-initialised leaves (biases) hold the update alone, whose gradient sum_i A_i grad log pi_i cancels
