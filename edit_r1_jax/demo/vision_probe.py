@@ -60,10 +60,12 @@ def probe_world(setup: Any, params: dict, n: int = 600, seed: int = 0) -> dict:
     """Colour and shape probes on the merged tokens of ``n`` source scenes, plus their `cell_cosine`."""
     from edit_r1_jax.data import synthetic
     from edit_r1_jax.data.synthetic_scene import as_scene
-    size = int(setup.grid_per_sample[0, 1]) * 14
-    if setup.grid_per_sample[0, 1] != 6 or setup.grid_per_sample[0, 2] != 6:
-        raise ValueError(f"probe_world: needs 84 px images (a 6x6 patch grid -> 3x3 cells), got grid "
-                         f"{setup.grid_per_sample[0].tolist()} ({size} px)")
+    v = setup.cfg.vision
+    _, h, w = (int(x) for x in setup.grid_per_sample[0])
+    size = h * v.patch_size
+    if (h, w) != (3 * v.spatial_merge_size,) * 2:
+        raise ValueError(f"probe_world: needs {3 * v.spatial_merge_size * v.patch_size} px images (3x3 merged tokens, "
+                         f"one per scene cell), got a {h}x{w} patch grid ({size} px)")
     recs = synthetic.make_sft_records(n, seed=seed, size=size, style="minimal")
     feats_bmd = merged_features(setup, params, [r["source"] for r in recs])
     colours, shapes = [], []
