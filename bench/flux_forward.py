@@ -31,15 +31,15 @@ def grid_ids(h, w, first):
     return t.reshape(-1, 3)
 
 
-def main():
+def build() -> dict:
+    """The small random diffusers model, our converted params and the Kontext-style inputs; ``torch``/``ours`` run
+    one forward each (used here and by ``bench/op_profile.py``)."""
     import jax
     import jax.numpy as jnp
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
     from edit_r1_jax.models import flux
-    from edit_r1_jax.models.flux import pipeline as pl
-    from edit_r1_jax.models.flux.scheduler import FlowMatchEulerScheduler
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(**SMALL).eval()
@@ -54,9 +54,8 @@ def main():
     enc = rng.standard_normal((1, TXT, 512)).astype(np.float32)
     pooled = rng.standard_normal((1, 256)).astype(np.float32)
     t, g = np.array([0.7], np.float32), np.array([2.5], np.float32)
-
-    # --- one forward
     T = torch.from_numpy
+
     def run_torch():
         with torch.no_grad():
             return model(hidden_states=T(hs), encoder_hidden_states=T(enc), pooled_projections=T(pooled),
@@ -64,6 +63,25 @@ def main():
     fwd = jax.jit(lambda p, *a: flux.transformer_forward(cfg, p, *a))
     args = (jnp.asarray(hs), jnp.asarray(enc), jnp.asarray(pooled), jnp.asarray(t), jnp.asarray(img_ids),
             jnp.asarray(txt_ids), jnp.asarray(g))
+    return dict(model=model, cfg=cfg, params=params, fwd=fwd, args=args, torch=run_torch,
+                ours=lambda: fwd(params, *args), hs=hs, enc=enc, pooled=pooled, g=g, img_ids=img_ids,
+                txt_ids=txt_ids, n_img=n_img)
+
+
+def main():
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from edit_r1_jax.models.flux import pipeline as pl
+    from edit_r1_jax.models.flux.scheduler import FlowMatchEulerScheduler
+
+    b = build()
+    model, cfg, params, fwd, args, run_torch = b["model"], b["cfg"], b["params"], b["fwd"], b["args"], b["torch"]
+    hs, enc, pooled, g, img_ids, txt_ids, n_img = (b[k] for k in ("hs", "enc", "pooled", "g", "img_ids", "txt_ids",
+                                                                   "n_img"))
+    T = torch.from_numpy
     _, compile_s = timing.time_compile(fwd, params, *args)
     t_torch = timing.time_fn(run_torch, sync=lambda x: x, warmup=1, repeat=5)
     t_ours = timing.time_fn(lambda: fwd(params, *args), warmup=1, repeat=5)

@@ -3,6 +3,12 @@ transformers ``generate`` (KV cache, eager). Batch 8 left-padded prompts, each w
 16 image tokens) and 16-48 text tokens, 128 new tokens, no early stop.
 
 Goal: ratio = our tokens/s / transformers tokens/s >= 3.
+
+Physical ceiling, measured in the same run: a decode step must read every text-decoder weight and the LM head once
+for its 8 rows. ``weight_floor_ms`` is the time of exactly those 8-row matmuls (distinct weights, one jitted chain;
+the same chain in torch is printed beside it, so the kernel is not the difference); ``ceiling_ratio`` =
+transformers' time per token / that floor is the best ratio any fp32 implementation can reach on this machine, and
+``floor_efficiency`` = floor / our time per step says how close our loop gets to it.
 """
 from __future__ import annotations
 
@@ -39,6 +45,46 @@ def prompts(seed=0):
     return ids, mask, T.pixel_values_for(grid, seed=seed), grid
 
 
+def decode_matrices(cfg, params) -> list:
+    """The [in, out] weight matrices one decode step multiplies its rows by: q, k, v, o, gate, up, down per text
+    layer (stacked [L, ...] in our params) and the LM head."""
+    t = cfg.text
+    mats = []
+    for name, w in (("q", params["layers"]["self_attn"]["q_proj"]["kernel"]),
+                    ("k", params["layers"]["self_attn"]["k_proj"]["kernel"]),
+                    ("v", params["layers"]["self_attn"]["v_proj"]["kernel"]),
+                    ("o", params["layers"]["self_attn"]["o_proj"]["kernel"]),
+                    ("gate", params["layers"]["mlp"]["gate_proj"]["kernel"]),
+                    ("up", params["layers"]["mlp"]["up_proj"]["kernel"]),
+                    ("down", params["layers"]["mlp"]["down_proj"]["kernel"])):
+        for l in range(t.num_hidden_layers):
+            wl = w[l]
+            mats.append(wl.reshape(-1, wl.shape[-1]) if name == "o" else wl.reshape(wl.shape[0], -1))
+    head = params["lm_head"]["kernel"] if "lm_head" in params else params["embed_tokens"]["embedding"].T
+    return mats + [head]
+
+
+def weight_floor(mats, rows: int) -> dict:
+    """Seconds for ``rows``-row matmuls with every matrix once (ours jitted, and torch), and the bytes read."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    xs = {m.shape[0]: jnp.ones((rows, m.shape[0]), jnp.float32) for m in mats}
+
+    @jax.jit
+    def chain(xs, mats):
+        return sum(jnp.sum(xs[m.shape[0]] @ m) for m in mats)
+
+    t_jax = timing.time_fn(lambda: chain(xs, mats), warmup=2, repeat=20)
+    tm = [torch.from_numpy(np.asarray(m)) for m in mats]
+    txs = {k: torch.ones(rows, k) for k in xs}
+    with torch.no_grad():
+        t_torch = timing.time_fn(lambda: sum((txs[m.shape[0]] @ m).sum() for m in tm), sync=lambda x: x,
+                                 warmup=2, repeat=20)
+    return {"jax_s": t_jax["median_s"], "torch_s": t_torch["median_s"],
+            "bytes": int(sum(m.size for m in mats) * 4)}
+
+
 def main():
     import torch
     from edit_r1_jax.models import qwen2_5_vl as q
@@ -63,9 +109,18 @@ def main():
     agree = float(np.mean(np.asarray(run_ours()[0]) == run_torch()[:, ids.shape[1]:].numpy()))
     tps_torch = BATCH * NEW / t_torch["median_s"]
     tps_ours = BATCH * NEW / t_ours["median_s"]
+    floor = weight_floor(decode_matrices(cfg, params), BATCH)
+    floor_s = min(floor["jax_s"], floor["torch_s"])
+    step_torch, step_ours = t_torch["median_s"] / NEW, t_ours["median_s"] / NEW
+    print(f"per token: transformers {step_torch * 1e3:.2f} ms, ours {step_ours * 1e3:.2f} ms; weight floor "
+          f"{floor['bytes'] / 1e6:.0f} MB: jax {floor['jax_s'] * 1e3:.2f} ms, torch {floor['torch_s'] * 1e3:.2f} ms "
+          f"-> ceiling ratio {step_torch / floor_s:.2f}x")
     timing.report("qwen_decode", "ours >= 3x transformers generate tokens/s", tps_ours / tps_torch,
                   torch_tok_s=tps_torch, ours_tok_s=tps_ours, greedy_token_agreement=agree, batch=BATCH,
-                  new_tokens=NEW, params_m=q.num_params(cfg) / 1e6)
+                  new_tokens=NEW, params_m=q.num_params(cfg) / 1e6, weight_floor_ms=floor_s * 1e3,
+                  weight_floor_jax_ms=floor["jax_s"] * 1e3, weight_floor_torch_ms=floor["torch_s"] * 1e3,
+                  weight_mb=floor["bytes"] / 1e6, ceiling_ratio=step_torch / floor_s,
+                  floor_efficiency=floor_s / step_ours)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def small_inputs(batch=2, seed=0):
     return ids, np.ones_like(ids), T.pixel_values_for(grid, seed=seed), grid
 
 
-def main():
+def build() -> dict:
+    """The small random transformers model, our loaded params and inputs; ``torch``/``ours`` run one forward each
+    (used here and by ``bench/op_profile.py``)."""
     import torch
     from edit_r1_jax.models import qwen2_5_vl as q
     from edit_r1_jax.models.qwen2_5_vl import testing as T
@@ -45,9 +47,16 @@ def main():
     def run_torch():
         with torch.no_grad():
             return model(**tin).logits
+    return dict(cfg=cfg, params=params, ids=ids, torch=run_torch,
+                ours=lambda: q.forward(cfg, params, ids, mask, pv, grid))
 
+
+def main():
+    import torch
+    from edit_r1_jax.models import qwen2_5_vl as q
+    b = build()
+    cfg, ids, run_torch, run_ours = b["cfg"], b["ids"], b["torch"], b["ours"]
     t_torch = timing.time_fn(run_torch, sync=lambda x: x, warmup=1, repeat=5)
-    run_ours = lambda: q.forward(cfg, params, ids, mask, pv, grid)
     t_ours = timing.time_fn(run_ours, warmup=2, repeat=5)
     err = float(np.abs(np.asarray(run_ours()) - run_torch().numpy()).max())
     ratio = t_torch["median_s"] / t_ours["median_s"]
