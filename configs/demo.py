@@ -47,6 +47,13 @@ def get_config():
         quick_grpo=("train.steps=2", "train.checkpoint_every=2", "grpo.group_size=4"),
         notes=("Traces use the 'minimal' style (verdict list, average, score; about 40 tokens) so that a CPU can "
                "decode them during GCPO and GRPO; the full chain-of-thought style is available with "
-               "--set data.trace_style=full.",),
+               "--set data.trace_style=full.",
+               "The reward model is trained from scratch (no pretrained perception). Its accuracy target (>= 0.75 "
+               "after SFT) has proved out of reach in this budget: the 3-layer, 96-wide LM needs a ~1000-step "
+               "plateau (about 5 CPU minutes of short sequences) to learn even to read one fixed image cell, and "
+               "the task needs several such skills (read a cell, compare it across the two images, tie a "
+               "question's words to a cell). Without them it learns the output format and the verdict prior, so "
+               "its scores tie and GCPO/GRPO get little signal. Measurements: NOTES.md, 'Session 3'. A real "
+               "Qwen2.5-VL checkpoint (rrm.checkpoint=DIR) is the intended reward model.",),
     )
     return c

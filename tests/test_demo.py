@@ -38,3 +38,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert 0.0 <= res["rrm_sft"]["accuracy"] <= 1.0
     assert math.isfinite(res["editor_before"]["gold"]) and math.isfinite(res["editor_after"]["gold"])
     assert res["editor_before"]["target_gold"] >= 9.0     # the verifier rates the correct edits highly
+    # issue #9 asks for SFT accuracy above chance (ties at half credit: chance 0.5) by one standard error of the
+    # quick evaluation set. Not reached (NOTES.md, "Session 3"); reported as xfail, with the value, until it is.
+    acc, n = res["rrm_sft"]["accuracy_half_ties"], res["rrm_sft"]["pairs"]
+    missed = next((line for line in report.splitlines() if line.startswith("**Targets not met")), "")
+    if res["rrm_sft"]["accuracy"] < 0.75:       # the report must say so (issue #9: "say so in the report")
+        assert "RRM pairwise accuracy after SFT (held-out" in missed, missed
+    if not acc > 0.5 + 0.5 / math.sqrt(n):
+        pytest.xfail(f"RRM pairwise accuracy after quick SFT {acc:.3f} (ties half) is not above chance 0.5 by one "
+                     f"standard error over {n} pairs")
