@@ -76,14 +76,13 @@ def torch_group(name: str) -> str:
 
 def torch_top_ops(fn: Callable[[], object], iters: int = 3) -> dict:
     """{aten op: (self CPU ms per call of fn, calls per call)} from ``torch.profiler``."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             fn()
     return {e.key: (e.self_cpu_time_total / iters / 1e3, e.count / iters) for e in prof.key_averages()
-            if e.self_cpu_time_total > 0 and not e.key.startswith("torch.") and torch is not None}
+            if e.self_cpu_time_total > 0 and not e.key.startswith("torch.")}
 
 
 def summarize(ops: dict, group: Callable[[str], str]) -> dict:
