@@ -116,7 +116,8 @@ def main():
           f"{floor['bytes'] / 1e6:.0f} MB: jax {floor['jax_s'] * 1e3:.2f} ms, torch {floor['torch_s'] * 1e3:.2f} ms "
           f"-> ceiling ratio {step_torch / floor_s:.2f}x")
     timing.report("qwen_decode", "ours >= 3x transformers generate tokens/s", tps_ours / tps_torch,
-                  torch_tok_s=tps_torch, ours_tok_s=tps_ours, greedy_token_agreement=agree, batch=BATCH,
+                  torch_tok_s=tps_torch, ours_tok_s=tps_ours, ours_compile_est_s=t_ours["compile_est_s"],
+                  greedy_token_agreement=agree, batch=BATCH,
                   new_tokens=NEW, params_m=q.num_params(cfg) / 1e6, weight_floor_ms=floor_s * 1e3,
                   weight_floor_jax_ms=floor["jax_s"] * 1e3, weight_floor_torch_ms=floor["torch_s"] * 1e3,
                   weight_mb=floor["bytes"] / 1e6, ceiling_ratio=step_torch / floor_s,

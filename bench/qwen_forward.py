@@ -62,6 +62,7 @@ def main():
     ratio = t_torch["median_s"] / t_ours["median_s"]
     timing.report("qwen_forward", "ours >= transformers eager (ratio >= 1)", ratio,
                   torch_s=t_torch["median_s"], ours_s=t_ours["median_s"], max_abs_err=err,
+                  ours_compile_est_s=t_ours["compile_est_s"],
                   params_m=q.num_params(cfg) / 1e6, batch=int(ids.shape[0]), tokens=int(ids.shape[1]),
                   torch_threads=torch.get_num_threads())
 

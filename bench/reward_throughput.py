@@ -42,6 +42,8 @@ def main():
     timing.report("reward_throughput", "plain / shared-prefix time > 1", plain["median_s"] / shared["median_s"],
                   edits_per_s={"plain": G / plain["median_s"], "shared_prefix": G / shared["median_s"],
                                "logits": G / logit["median_s"]},
+                  compile_est_s={"plain": plain["compile_est_s"], "shared_prefix": shared["compile_est_s"],
+                                 "logits": logit["compile_est_s"]},
                   plain=plain, shared=shared, group=G, new_tokens=NEW, image_size=SIZE, prompt_tokens=prompt_len,
                   prefix_tokens=prefix_len,
                   same_tokens=bool(same))

@@ -20,15 +20,25 @@ def block(x: Any) -> Any:
 
 
 def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5, sync: Callable[[Any], Any] = block) -> dict:
-    """Median/min/max seconds of ``fn()`` after ``warmup`` calls; ``sync`` waits for async results."""
+    """Median/min/max seconds of ``fn()`` after ``warmup`` calls; ``sync`` waits for async results.
+
+    ``first_s`` is the first warm-up call (for a jitted function: tracing + compilation + one run, so compilation is
+    about ``first_s - median_s``; reported as ``compile_est_s``)."""
+    first = None
     for _ in range(warmup):
+        t0 = time.perf_counter()
         sync(fn())
+        first = time.perf_counter() - t0 if first is None else first
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeat": repeat}
+    med = statistics.median(times)
+    out = {"median_s": med, "min_s": min(times), "max_s": max(times), "repeat": repeat}
+    if first is not None:
+        out.update(first_s=first, compile_est_s=max(first - med, 0.0))
+    return out
 
 
 def time_compile(jitted, *args, **kwargs) -> tuple[Any, float]:
