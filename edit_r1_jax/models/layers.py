@@ -68,7 +68,7 @@ def attention_mask_from_segments(q_segment_ids: jax.Array | None, kv_segment_ids
     return mask
 
 
-KV_LAYOUTS = {"bshd": "bskd", "bhsd": "bksd"}   # key/value axis order -> einsum letters (k = kv head)
+KV_LAYOUTS = ("bshd", "bhsd")   # key/value axis orders
 
 
 def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *, mask: jax.Array | None = None,
@@ -82,17 +82,21 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
     """
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"attention: kv_layout={kv_layout!r}, expected one of {sorted(KV_LAYOUTS)}")
-    kv = KV_LAYOUTS[kv_layout]
     b, t, hq, d = q_bthd.shape
     hkv = k_bshd.shape[2 if kv_layout == "bshd" else 1]
     if hq % hkv:
         raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} key/value heads")
     rep = hq // hkv
     scale = d ** -0.5 if scale is None else scale
-    q_btkrd = q_bthd.reshape(b, t, hkv, rep, d)
-    logits_bkrts = jnp.einsum(f"btkrd,{kv}->bkrts", q_btkrd, k_bshd,
-                              preferred_element_type=jnp.float32) * scale
-    logits = logits_bkrts.reshape(b, hq, t, -1)
+    # Heads-major operands, transposed explicitly: XLA:CPU then runs both dots on contiguous per-head [T,D]/[S,D]
+    # blocks. Writing the einsums on the [B,T,H,D] layout directly lets layout assignment pick transposed dot
+    # outputs and copy the [T,S] logits twice per call (2.1x slower at 576 tokens, measured in session 4).
+    # Query heads of one KV group are folded into the query length (GQA): plain [B, Hkv, rep*T, D] batched dots.
+    q_bkmd = q_bthd.reshape(b, t, hkv, rep, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rep * t, d)
+    k_bksd = k_bshd.transpose(0, 2, 1, 3) if kv_layout == "bshd" else k_bshd
+    v_bksd = v_bshd.transpose(0, 2, 1, 3) if kv_layout == "bshd" else v_bshd
+    logits_bkms = jnp.einsum("bkmd,bksd->bkms", q_bkmd, k_bksd, preferred_element_type=jnp.float32) * scale
+    logits = logits_bkms.reshape(b, hq, t, -1)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
@@ -100,9 +104,10 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
     probs = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-    probs_bkrts = probs.reshape(b, hkv, rep, t, -1).astype(v_bshd.dtype)
-    out = jnp.einsum(f"bkrts,{kv}->btkrd", probs_bkrts, v_bshd, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, hq, d).astype(q_bthd.dtype)
+    probs_bkms = probs.reshape(b, hkv, rep * t, -1).astype(v_bshd.dtype)
+    out_bkmd = jnp.einsum("bkms,bksd->bkmd", probs_bkms, v_bksd, preferred_element_type=jnp.float32)
+    out_bkrtd = out_bkmd.reshape(b, hkv, rep, t, d)
+    return out_bkrtd.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q_bthd.dtype)
 
 
 def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *, causal: bool = False,
