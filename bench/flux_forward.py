@@ -2,7 +2,9 @@
 config and Kontext-style inputs), and the time per denoising step of our jitted `lax.fori_loop` sampler vs the
 diffusers loop (transformer + FlowMatchEulerDiscreteScheduler.step).
 
-Goal: ratio = diffusers time / ours >= 1 (ours not slower). Inputs: batch 1, 64 text tokens, a 16x16 packed
+Goal: ratio = diffusers time / ours >= 1 (ours not slower). ``ratio`` is our inference layout (per-layer params,
+``scan_layers=False``: no per-iteration weight slices); ``scanned_ratio`` is the training layout (``nn.scan`` over
+stacked params). The three forwards are timed in alternation (``timing.time_interleaved``). Inputs: batch 1, 64 text tokens, a 16x16 packed
 target grid (256 tokens) plus a 16x16 Kontext reference grid (256 tokens).
 
 Full sampling (``full_*``): the STEPS Euler steps followed by the VAE decode of the result to pixels (a small random
@@ -82,10 +84,13 @@ def build() -> dict:
             return model(hidden_states=T(hs), encoder_hidden_states=T(enc), pooled_projections=T(pooled),
                          timestep=T(t), guidance=T(g), img_ids=T(img_ids), txt_ids=T(txt_ids), return_dict=False)[0]
     fwd = jax.jit(lambda p, *a: flux.transformer_forward(cfg, p, *a))
+    lcfg, lparams = flux.unstack_layers(cfg, params)       # per-layer inference layout
+    fwd_layers = jax.jit(lambda p, *a: flux.transformer_forward(lcfg, p, *a))
     args = (jnp.asarray(hs), jnp.asarray(enc), jnp.asarray(pooled), jnp.asarray(t), jnp.asarray(img_ids),
             jnp.asarray(txt_ids), jnp.asarray(g))
     return dict(model=model, cfg=cfg, params=params, fwd=fwd, args=args, torch=run_torch,
-                ours=lambda: fwd(params, *args), hs=hs, enc=enc, pooled=pooled, g=g, img_ids=img_ids,
+                ours=lambda: fwd_layers(lparams, *args), ours_scanned=lambda: fwd(params, *args),
+                lcfg=lcfg, lparams=lparams, fwd_layers=fwd_layers, hs=hs, enc=enc, pooled=pooled, g=g, img_ids=img_ids,
                 txt_ids=txt_ids, n_img=n_img)
 
 
@@ -103,16 +108,19 @@ def main():
     hs, enc, pooled, g, img_ids, txt_ids, n_img = (b[k] for k in ("hs", "enc", "pooled", "g", "img_ids", "txt_ids",
                                                                    "n_img"))
     T = torch.from_numpy
+    lcfg, lparams, fwd_layers = b["lcfg"], b["lparams"], b["fwd_layers"]
     _, compile_s = timing.time_compile(fwd, params, *args)
-    t_torch = timing.time_fn(run_torch, sync=lambda x: x, warmup=1, repeat=5)
-    t_ours = timing.time_fn(lambda: fwd(params, *args), warmup=1, repeat=5)
-    err = float(np.abs(np.asarray(fwd(params, *args)) - run_torch().numpy()).max())
+    _, compile_layers_s = timing.time_compile(fwd_layers, lparams, *args)
+    tt = timing.time_interleaved({"torch": (run_torch, lambda x: x), "ours": (b["ours"], timing.block),
+                                  "scanned": (b["ours_scanned"], timing.block)}, rounds=7)
+    t_torch, t_ours, t_scan = tt["torch"], tt["ours"], tt["scanned"]
+    err = float(np.abs(np.asarray(b["ours"]()) - run_torch().numpy()).max())
 
     # --- sampling: STEPS Euler steps with the reference tokens, per step
     sched = FlowMatchEulerScheduler()
     prep = pl.prepare_denoise_inputs(cfg, sched, STEPS, 2 * GRID, 2 * GRID, (2 * GRID, 2 * GRID), TXT)
     lat, ref = jnp.asarray(hs[:, :n_img]), jnp.asarray(hs[:, n_img:])
-    sample = lambda: pl.denoise(cfg, params, lat, ref, jnp.asarray(enc), jnp.asarray(pooled), jnp.asarray(g),  # noqa
+    sample = lambda: pl.denoise(lcfg, lparams, lat, ref, jnp.asarray(enc), jnp.asarray(pooled), jnp.asarray(g),  # noqa
                                 prep["sigmas"], prep["model_t"], prep["cos"], prep["sin"])
     s_ours = timing.time_fn(sample, warmup=1, repeat=3)
 
@@ -156,7 +164,8 @@ def main():
     timing.report("flux_forward", "ours not slower than diffusers eager (ratio >= 1)",
                   t_torch["median_s"] / t_ours["median_s"],
                   torch_forward_ms=1e3 * t_torch["median_s"], ours_forward_ms=1e3 * t_ours["median_s"],
-                  ours_compile_s=compile_s, forward_max_abs_err=err,
+                  scanned_forward_ms=1e3 * t_scan["median_s"], scanned_ratio=t_torch["median_s"] / t_scan["median_s"],
+                  ours_compile_s=compile_layers_s, scanned_compile_s=compile_s, forward_max_abs_err=err,
                   torch_ms_per_step=1e3 * s_torch["median_s"] / STEPS,
                   ours_ms_per_step=1e3 * s_ours["median_s"] / STEPS,
                   sampling_ratio=s_torch["median_s"] / s_ours["median_s"], sampling_max_abs_err=samp_err,

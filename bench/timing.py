@@ -41,6 +41,23 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5, sync: Ca
     return out
 
 
+def time_interleaved(fns: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]], *, rounds: int = 7,
+                     warmup: int = 1) -> dict[str, dict]:
+    """Median seconds of each ``name: (fn, sync)`` timed in alternation (one call of each per round), so slow
+    drifts of a shared, noisy machine hit every contender alike; returns ``{name: time_fn-style dict}``."""
+    for fn, sync in fns.values():
+        for _ in range(warmup):
+            sync(fn())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, (fn, sync) in fns.items():
+            t0 = time.perf_counter()
+            sync(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "repeat": rounds}
+            for k, v in times.items()}
+
+
 def time_compile(jitted, *args, **kwargs) -> tuple[Any, float]:
     """(compiled, seconds) for lower+compile of a jitted function on concrete or abstract args."""
     t0 = time.perf_counter()

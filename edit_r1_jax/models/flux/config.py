@@ -23,6 +23,10 @@ class FluxTransformerConfig:
     dtype: activation/compute dtype; param_dtype: dtype params are created/loaded in.
     remat: "none" | "full" | "dots" (jax.checkpoint policy per block; "dots" saves matmul outputs without batch dims).
     attention_backend: passed to `layers.attention` ("xla" | "splash").
+    scan_layers: True (default; training, checkpoints) runs each block group with `nn.scan` over params stacked on
+        a leading layer axis; False runs a Python loop over per-layer params (`transformer_blocks/layers_{i}/...`,
+        see models/layer_layout.py), the faster inference layout (no per-iteration weight slices), one compiled
+        body per block. Convert with `flux.unstack_layers` / `flux.stack_layers` or load with scan_layers=False.
     """
     patch_size: int = 1
     in_channels: int = 64
@@ -42,6 +46,7 @@ class FluxTransformerConfig:
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attention_backend: str = "xla"
+    scan_layers: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edit_r1_jax.models import layer_layout
 from edit_r1_jax.models.flux import transformer as tr
 from edit_r1_jax.models.flux.config import FluxTransformerConfig
 from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, check_tensors, write_safetensors
@@ -54,8 +55,9 @@ def _torch_name(path: tuple, layer: int | None) -> tuple[str, str]:
 
 
 def _leaf_plan(cfg: FluxTransformerConfig) -> list[tuple[tuple, tuple, list[tuple[str, str]]]]:
-    """For each of our leaves: (path, our shape, [(diffusers name, kind) per layer, or one entry])."""
-    shapes = tr.param_shapes(cfg)
+    """For each of our leaves in the stacked layout: (path, our shape, [(diffusers name, kind) per layer, or one
+    entry])."""
+    shapes = tr.param_shapes(cfg.replace(scan_layers=True))
     plan = []
     for path, sds in _flatten(shapes):
         n_key = _STACKED.get(path[0])
@@ -100,7 +102,8 @@ def load_transformer(path: str, dtype=jnp.float32, mesh=None, rules=None, **cfg_
 
     dtype: parameter and activation dtype (bf16 checkpoints are upcast when dtype is float32 and vice versa).
     mesh: place each leaf directly on its NamedSharding (`param_shardings`); otherwise on the default device.
-    cfg_overrides: JAX-only config fields (remat=..., attention_backend=...).
+    cfg_overrides: JAX-only config fields (remat=..., attention_backend=..., scan_layers=False for the per-layer
+        inference layout, each layer's leaves placed directly).
     """
     if os.path.isdir(os.path.join(path, "transformer")) and not os.path.isfile(os.path.join(path, "config.json")):
         path = os.path.join(path, "transformer")
@@ -109,6 +112,12 @@ def load_transformer(path: str, dtype=jnp.float32, mesh=None, rules=None, **cfg_
     check_tensors(expected_tensors(cfg), reader.shapes(), source=path)
     shardings = tr.param_shardings(cfg, mesh, rules) if mesh is not None else None
     params: dict = {}
+
+    def place(path, host):
+        if shardings is None:
+            return jnp.asarray(host)
+        return jax.make_array_from_callback(host.shape, _get(shardings, path), lambda idx: host[idx])
+
     for leaf_path, shape, names in _leaf_plan(cfg):
         def host_leaf(names=names, leaf_path=leaf_path):
             parts = []
@@ -117,13 +126,13 @@ def load_transformer(path: str, dtype=jnp.float32, mesh=None, rules=None, **cfg_
                 parts.append(a.T if kind == "kernel" else a)
             arr = np.stack(parts) if leaf_path[0] in _STACKED else parts[0]
             return _to_dtype(arr, dtype)
-        if shardings is None:
-            value = jnp.asarray(host_leaf())
+        host = host_leaf()
+        if leaf_path[0] in _STACKED and not cfg.scan_layers:   # per-layer inference layout
+            for i in range(host.shape[0]):
+                path_i = (leaf_path[0], layer_layout.layer_name(i)) + leaf_path[1:]
+                _set(params, path_i, place(path_i, host[i]))
         else:
-            sharding = _get(shardings, leaf_path)
-            host = host_leaf()
-            value = jax.make_array_from_callback(shape, sharding, lambda idx, host=host: host[idx])
-        _set(params, leaf_path, value)
+            _set(params, leaf_path, place(leaf_path, host))
     return cfg, params
 
 
@@ -141,7 +150,10 @@ def _host(x) -> np.ndarray:
 
 
 def to_diffusers_state_dict(cfg: FluxTransformerConfig, params: dict, dtype=None) -> dict[str, np.ndarray]:
-    """Our params -> {diffusers name: numpy array} (kernels transposed, stacked blocks split per layer)."""
+    """Our params -> {diffusers name: numpy array} (kernels transposed, stacked blocks split per layer).
+    Params in the per-layer layout (cfg.scan_layers=False) are stacked on the host first."""
+    if not cfg.scan_layers:
+        params = layer_layout.stack_layers(jax.tree.map(_host, params), tr.BLOCK_KEYS)
     plan = {p: names for p, _, names in _leaf_plan(cfg)}
     out = {}
     for path, value in _flatten(params):

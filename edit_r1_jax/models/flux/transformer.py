@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from edit_r1_jax import parallel
-from edit_r1_jax.models import layers
+from edit_r1_jax.models import layer_layout, layers
 from edit_r1_jax.models.flux.config import FluxTransformerConfig
 
 Array = jax.Array
@@ -287,10 +287,29 @@ class TimeTextEmbed(nn.Module):
         return temb + TimestepEmbedding(c, name="text_embedder")(pooled)
 
 
+class LayerLoop(nn.Module):
+    """The per-layer layout (cfg.scan_layers=False): `length` blocks called in order, params `layers_{i}/...`,
+    same carry/broadcast signature and results as the scanned stack."""
+    block_cls: Any
+    cfg: FluxTransformerConfig
+    length: int
+    mesh: Mesh | None = None
+    rules: tuple = parallel.DEFAULT_RULES
+
+    @nn.compact
+    def __call__(self, carry, temb: Array, cos: Array, sin: Array):
+        for i in range(self.length):
+            carry, _ = self.block_cls(self.cfg, self.mesh, self.rules, name=layer_layout.layer_name(i))(
+                carry, temb, cos, sin)
+        return carry, None
+
+
 def _block_stack(block_cls, cfg: FluxTransformerConfig, length: int, name: str, mesh, rules):
     if cfg.remat != "none":
         policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
         block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+    if not cfg.scan_layers:
+        return LayerLoop(block_cls, cfg, length, mesh, rules, name=name)
     scanned = nn.scan(block_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length,
                       metadata_params={nn.PARTITION_NAME: "layers"})
@@ -348,6 +367,30 @@ def _mesh_of(tree) -> Mesh | None:
     return sh.mesh if isinstance(sh, NamedSharding) and sh.mesh.size > 1 else None
 
 
+BLOCK_KEYS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def unstack_layers(cfg: FluxTransformerConfig, tree: dict) -> tuple[FluxTransformerConfig, dict]:
+    """Stacked (scan) params or LoRA tree -> the per-layer inference layout; returns (cfg with scan_layers=False,
+    tree). Outside jit this copies each block's weights once (jax.Arrays keep their devices/shardings)."""
+    return cfg.replace(scan_layers=False), layer_layout.unstack_layers(tree, BLOCK_KEYS)
+
+
+def stack_layers(cfg: FluxTransformerConfig, tree: dict) -> tuple[FluxTransformerConfig, dict]:
+    """Per-layer tree -> the stacked (scan) layout; returns (cfg with scan_layers=True, tree)."""
+    return cfg.replace(scan_layers=True), layer_layout.stack_layers(tree, BLOCK_KEYS)
+
+
+def check_layout(cfg: FluxTransformerConfig, tree: dict, what: str = "params") -> None:
+    """Raise a ValueError naming the block when a tree's layer layout does not match cfg.scan_layers."""
+    for key in BLOCK_KEYS:
+        if key in tree and layer_layout.is_per_layer(tree[key]) == cfg.scan_layers:
+            have, want = (("per-layer", "stacked") if cfg.scan_layers else ("stacked", "per-layer"))
+            fix = "flux.stack_layers" if cfg.scan_layers else "flux.unstack_layers"
+            raise ValueError(f"transformer_forward: {what}['{key}'] is in the {have} layout but the config has "
+                             f"scan_layers={cfg.scan_layers} ({want}); convert with {fix}(cfg, {what})")
+
+
 def init_params(cfg: FluxTransformerConfig, rng: Array | int = 0, boxed: bool = False) -> dict:
     """Random params (tests, eval_shape). boxed=True keeps flax LogicallyPartitioned leaves."""
     if isinstance(rng, int):
@@ -391,8 +434,11 @@ def forward_with_rope(cfg: FluxTransformerConfig, params: dict, hidden_states, e
     from edit_r1_jax.models.lora import scale_lora
     mesh = _mesh_of(params) if mesh is None else mesh
     rules = parallel.DEFAULT_RULES if rules is None else tuple(rules)
+    check_layout(cfg, params)
     variables = {"params": params}
     if lora:
+        if not cfg.scan_layers:   # adapters are small: slice a stacked LoRA tree per layer here
+            lora = layer_layout.unstack_layers(lora, BLOCK_KEYS)
         variables["lora"] = scale_lora(lora, lora_scale)
     timestep = jnp.asarray(timestep)
     if timestep.ndim == 0:
