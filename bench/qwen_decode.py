@@ -8,7 +8,8 @@ Physical ceiling, measured in the same run: a decode step must read every text-d
 for its 8 rows. ``weight_floor_ms`` is the time of exactly those 8-row matmuls (distinct weights, one jitted chain;
 the same chain in torch is printed beside it, so the kernel is not the difference); ``ceiling_ratio`` =
 transformers' time per token / that floor is the best ratio any fp32 implementation can reach on this machine, and
-``floor_efficiency`` = floor / our time per step says how close our loop gets to it.
+``floor_efficiency`` = floor / our time per step says how close our loop gets to it. Transformers, ours and the
+two floors are timed in alternation (``timing.time_interleaved``).
 """
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ def decode_matrices(cfg, params) -> list:
     return mats + [head]
 
 
-def weight_floor(mats, rows: int) -> dict:
-    """Seconds for ``rows``-row matmuls with every matrix once (ours jitted, and torch), and the bytes read."""
+def weight_floor_fns(mats, rows: int, reps: int = 10) -> tuple:
+    """(jax_fn, torch_fn, bytes): each fn runs ``reps`` times the ``rows``-row matmuls with every matrix once (ours
+    jitted, and torch); divide its time by ``reps``."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -75,14 +77,19 @@ def weight_floor(mats, rows: int) -> dict:
     def chain(xs, mats):
         return sum(jnp.sum(xs[m.shape[0]] @ m) for m in mats)
 
-    t_jax = timing.time_fn(lambda: chain(xs, mats), warmup=2, repeat=20)
-    tm = [torch.from_numpy(np.asarray(m)) for m in mats]
+    def run_jax():
+        for _ in range(reps):
+            out = jax.block_until_ready(chain(xs, mats))
+        return out
+    tm = [torch.from_numpy(np.array(m)) for m in mats]
     txs = {k: torch.ones(rows, k) for k in xs}
-    with torch.no_grad():
-        t_torch = timing.time_fn(lambda: sum((txs[m.shape[0]] @ m).sum() for m in tm), sync=lambda x: x,
-                                 warmup=2, repeat=20)
-    return {"jax_s": t_jax["median_s"], "torch_s": t_torch["median_s"],
-            "bytes": int(sum(m.size for m in mats) * 4)}
+
+    def run_torch():
+        with torch.no_grad():
+            for _ in range(reps):
+                out = sum((txs[m.shape[0]] @ m).sum() for m in tm)
+        return out
+    return run_jax, run_torch, int(sum(m.size for m in mats) * 4)
 
 
 def main():
@@ -103,20 +110,27 @@ def main():
                                   mm_token_type_ids=torch.tensor(T.mm_token_type_ids(ids)),
                                   max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
 
-    t_torch = timing.time_fn(run_torch, sync=lambda x: x, warmup=1, repeat=2)
     run_ours = lambda: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=NEW, eos_token_id=[])
-    t_ours = timing.time_fn(run_ours, warmup=1, repeat=3)
+    first = timing.time_fn(run_ours, warmup=1, repeat=1)
+    reps = 10
+    floor_jax, floor_torch, floor_bytes = weight_floor_fns(decode_matrices(cfg, params), BATCH, reps)
+    # all four timed in alternation so the VM's drifting memory bandwidth hits each alike
+    tt = timing.time_interleaved({"torch": (run_torch, lambda x: x), "ours": (run_ours, timing.block),
+                                  "floor_jax": (floor_jax, lambda x: x), "floor_torch": (floor_torch, lambda x: x)},
+                                 rounds=3)
+    t_torch, t_ours = tt["torch"], tt["ours"]
+    floor = {"jax_s": tt["floor_jax"]["median_s"] / reps, "torch_s": tt["floor_torch"]["median_s"] / reps,
+             "bytes": floor_bytes}
     agree = float(np.mean(np.asarray(run_ours()[0]) == run_torch()[:, ids.shape[1]:].numpy()))
     tps_torch = BATCH * NEW / t_torch["median_s"]
     tps_ours = BATCH * NEW / t_ours["median_s"]
-    floor = weight_floor(decode_matrices(cfg, params), BATCH)
     floor_s = min(floor["jax_s"], floor["torch_s"])
     step_torch, step_ours = t_torch["median_s"] / NEW, t_ours["median_s"] / NEW
     print(f"per token: transformers {step_torch * 1e3:.2f} ms, ours {step_ours * 1e3:.2f} ms; weight floor "
           f"{floor['bytes'] / 1e6:.0f} MB: jax {floor['jax_s'] * 1e3:.2f} ms, torch {floor['torch_s'] * 1e3:.2f} ms "
           f"-> ceiling ratio {step_torch / floor_s:.2f}x")
     timing.report("qwen_decode", "ours >= 3x transformers generate tokens/s", tps_ours / tps_torch,
-                  torch_tok_s=tps_torch, ours_tok_s=tps_ours, ours_compile_est_s=t_ours["compile_est_s"],
+                  torch_tok_s=tps_torch, ours_tok_s=tps_ours, ours_compile_est_s=first["compile_est_s"],
                   greedy_token_agreement=agree, batch=BATCH,
                   new_tokens=NEW, params_m=q.num_params(cfg) / 1e6, weight_floor_ms=floor_s * 1e3,
                   weight_floor_jax_ms=floor["jax_s"] * 1e3, weight_floor_torch_ms=floor["torch_s"] * 1e3,
