@@ -4,7 +4,9 @@ diffusers loop (transformer + FlowMatchEulerDiscreteScheduler.step).
 
 Goal: ratio = diffusers time / ours >= 1 (ours not slower). ``ratio`` is our inference layout (per-layer params,
 ``scan_layers=False``: no per-iteration weight slices); ``scanned_ratio`` is the training layout (``nn.scan`` over
-stacked params). The three forwards are timed in alternation (``timing.time_interleaved``). Inputs: batch 1, 64 text tokens, a 16x16 packed
+stacked params). ``gemm_ratio``: the same run's PyTorch / XLA:CPU time for exactly this model's token-wise matmuls
+as bare GEMMs (`gemm_fns`), i.e. the kernel library's share of the forward ratio. The forwards and GEMM chains are
+timed in alternation (``timing.time_interleaved``). Inputs: batch 1, 64 text tokens, a 16x16 packed
 target grid (256 tokens) plus a 16x16 Kontext reference grid (256 tokens).
 
 Full sampling (``full_*``): the STEPS Euler steps followed by the VAE decode of the result to pixels (a small random
@@ -52,6 +54,43 @@ def small_vae():
         vae.save_pretrained(d)
         vcfg, vparams = flux.load_vae(d)
     return vae, vcfg, vparams
+
+
+def gemm_fns(params, tokens, reps: int = 3) -> tuple:
+    """(jax_fn, torch_fn, gflop): every token-wise Dense of the transformer once, as a plain [tokens, in] x [in, out]
+    matmul on that layer's own weights (one jitted chain; the same chain in torch), ``reps`` times per call. Their
+    time ratio is the GEMM-kernel rate of XLA:CPU vs PyTorch on exactly this model's matmuls, measured in the same
+    run: the part of the forward ratio that is the kernel library's, not our graph's."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    shapes = []
+    for block in ("transformer_blocks", "single_transformer_blocks"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params[block])[0]:
+            names = [getattr(k, "key", "") for k in path]
+            if names[-1] == "kernel" and not any(n.startswith("norm") for n in names):   # AdaNorm runs on 1 token
+                for i in range(leaf.shape[0]):                                         # stacked layers
+                    shapes.append((tokens(block, names), np.asarray(leaf[i])))
+    xs = [jnp.ones((t, w.shape[0]), jnp.float32) for t, w in shapes]
+    ws = [jnp.asarray(w) for _, w in shapes]
+
+    @jax.jit
+    def chain(xs, ws):
+        return sum(jnp.sum(x @ w) for x, w in zip(xs, ws))
+
+    def run_jax():
+        for _ in range(reps):
+            out = jax.block_until_ready(chain(xs, ws))
+        return out
+    txs, tws = [torch.ones(t, w.shape[0]) for t, w in shapes], [torch.from_numpy(w.copy()) for _, w in shapes]
+
+    def run_torch():
+        with torch.no_grad():
+            for _ in range(reps):
+                out = sum((x @ w).sum() for x, w in zip(txs, tws))
+        return out
+    gflop = sum(2 * t * w.shape[0] * w.shape[1] for t, w in shapes) / 1e9
+    return run_jax, run_torch, gflop
 
 
 def build() -> dict:
@@ -111,9 +150,18 @@ def main():
     lcfg, lparams, fwd_layers = b["lcfg"], b["lparams"], b["fwd_layers"]
     _, compile_s = timing.time_compile(fwd, params, *args)
     _, compile_layers_s = timing.time_compile(fwd_layers, lparams, *args)
+    def tokens(block, names):   # double blocks: image stream (target + reference) or text stream; single: both
+        if block == "single_transformer_blocks":
+            return TXT + 2 * b["n_img"]
+        text = any(n.startswith(("add_", "ff_context", "to_add_out")) for n in names)
+        return TXT if text else 2 * b["n_img"]
+    gemm_jax, gemm_torch, gflop = gemm_fns(params, tokens)
     tt = timing.time_interleaved({"torch": (run_torch, lambda x: x), "ours": (b["ours"], timing.block),
-                                  "scanned": (b["ours_scanned"], timing.block)}, rounds=7)
+                                  "scanned": (b["ours_scanned"], timing.block),
+                                  "gemm_jax": (gemm_jax, lambda x: x), "gemm_torch": (gemm_torch, lambda x: x)},
+                                 rounds=7)
     t_torch, t_ours, t_scan = tt["torch"], tt["ours"], tt["scanned"]
+    gemm_ratio = tt["gemm_torch"]["median_s"] / tt["gemm_jax"]["median_s"]
     err = float(np.abs(np.asarray(b["ours"]()) - run_torch().numpy()).max())
 
     # --- sampling: STEPS Euler steps with the reference tokens, per step
@@ -165,6 +213,9 @@ def main():
                   t_torch["median_s"] / t_ours["median_s"],
                   torch_forward_ms=1e3 * t_torch["median_s"], ours_forward_ms=1e3 * t_ours["median_s"],
                   scanned_forward_ms=1e3 * t_scan["median_s"], scanned_ratio=t_torch["median_s"] / t_scan["median_s"],
+                  gemm_ratio=gemm_ratio, gemm_gflop=gflop,
+                  gemm_jax_gflops=3 * gflop / tt["gemm_jax"]["median_s"],
+                  gemm_torch_gflops=3 * gflop / tt["gemm_torch"]["median_s"],
                   ours_compile_s=compile_layers_s, scanned_compile_s=compile_s, forward_max_abs_err=err,
                   torch_ms_per_step=1e3 * s_torch["median_s"] / STEPS,
                   ours_ms_per_step=1e3 * s_ours["median_s"] / STEPS,

@@ -28,7 +28,7 @@ def test_edit_cli_sharded_matches_unsharded(pipe_dir, highest_precision):
     rc = cli.main(["edit", "--model", str(pipe_dir / "pipe"), "--image", str(pipe_dir / "in.png"),
                    "--prompt", "make it red", "--steps", "2", "--seed", "5", "--out", str(out),
                    "--height", "32", "--width", "48", "--max-area", str(32 * 48), "--no-auto-resize",
-                   "--max-sequence-length", "16"])
+                   "--max-sequence-length", "16", "--per-layer"])
     assert rc == 0
     got = np.asarray(Image.open(out)).astype(np.int32)
     assert got.shape == (32, 48, 3)

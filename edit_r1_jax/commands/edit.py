@@ -33,10 +33,10 @@ def add_parser(subparsers):
     p.add_argument("--lora", default=None, help="LoRA adapter directory/file (models.lora.save_lora)")
     p.add_argument("--config", default=None, help="config file whose mesh/sharding to use "
                    "(e.g. configs/flux_kontext_dev.py)")
-    p.add_argument("--scan-layers", action="store_true",
-                   help="run the transformer blocks with nn.scan over stacked params (compile time flat in depth) "
-                        "instead of the default per-layer inference layout (faster steps, one compiled body per "
-                        "block; see models/layer_layout.py)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="run the transformer blocks as a loop over per-layer params instead of nn.scan over stacked "
+                        "params (no per-step weight slices; one compiled body per block, so longer compiles for "
+                        "deep models; see models/layer_layout.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set mesh.tensor=4")
     return p
@@ -65,11 +65,11 @@ def run(args) -> int:
     jdt = jnp.float32 if dtype == "float32" else jnp.bfloat16
 
     t0 = time.time()
-    pipe = KontextPipeline.from_pretrained(args.model, dtype=jdt, mesh=mesh, scan_layers=args.scan_layers)
+    pipe = KontextPipeline.from_pretrained(args.model, dtype=jdt, mesh=mesh, scan_layers=not args.per_layer)
     if rules != parallel.DEFAULT_RULES:
         print("note: custom sharding rules apply to activations only; params use the default rules")
     print(f"loaded {args.model} in {time.time() - t0:.1f}s ({dtype}, "
-          f"{'scanned' if args.scan_layers else 'per-layer'} blocks, "
+          f"{'per-layer' if args.per_layer else 'scanned'} blocks, "
           f"{parallel.describe_mesh(mesh) if mesh is not None else 'single device'})")
     lora, lora_scale = None, 1.0
     if args.lora:
