@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from edit_r1_jax import parallel  # noqa: E402
 from edit_r1_jax.models import flux, layer_layout  # noqa: E402
 from edit_r1_jax.models.flux import transformer as tr  # noqa: E402
+from edit_r1_jax.models.flux.pipeline import latent_image_ids  # noqa: E402
 from edit_r1_jax.models.flux.config import FluxTransformerConfig  # noqa: E402
 from edit_r1_jax.models.lora import LoraConfig, init_lora  # noqa: E402
 
@@ -18,20 +19,12 @@ CFG = FluxTransformerConfig(in_channels=16, num_layers=2, num_single_layers=3, a
                             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
 
-def _ids(h, w, first):
-    t = np.zeros((h, w, 3), np.float32)
-    t[..., 0] = first
-    t[..., 1] = np.arange(h)[:, None]
-    t[..., 2] = np.arange(w)[None]
-    return t.reshape(-1, 3)
-
-
 def _inputs(rng, b=2):
     return dict(hidden_states=rng.standard_normal((b, 22, 16)).astype(np.float32),
                 encoder_hidden_states=rng.standard_normal((b, 6, 32)).astype(np.float32),
                 pooled_projections=rng.standard_normal((b, 24)).astype(np.float32),
                 timestep=np.linspace(0.2, 0.9, b).astype(np.float32),
-                img_ids=np.concatenate([_ids(4, 4, 0), _ids(2, 3, 1)]), txt_ids=np.zeros((6, 3), np.float32),
+                img_ids=np.concatenate([latent_image_ids(4, 4, 0), latent_image_ids(2, 3, 1)]), txt_ids=np.zeros((6, 3), np.float32),
                 guidance=np.full((b,), 2.5, np.float32))
 
 
