@@ -1,7 +1,8 @@
 """demo: the embedded default (`make demo` / `edit-r1-jax demo`): RRM SFT -> GCPO -> editor SFT -> editor GRPO.
 
 Runs on: a 2-core CPU, no network, no weights (tiny random models trained from scratch on the synthetic world).
-Time: about 15 minutes for the full demo; `--quick` about 3 minutes. Builds on configs/tiny.py; each stage gets the
+Time: about 8 minutes for the full demo on a 2-core CPU (8m05s measured 2026-11-27; budget 15); `--quick` about
+3 minutes. Builds on configs/tiny.py; each stage gets the
 overrides listed under `demo.<stage>` (and `demo.quick_<stage>` in quick mode).
 """
 import importlib.util
