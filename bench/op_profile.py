@@ -6,7 +6,8 @@ Usage: python bench/op_profile.py {flux_forward,qwen_forward} [--iters N] [--top
 XLA ops are grouped into what they are on CPU: library dots (YNNPACK/oneDNN/XNNPACK fusions, `dot`), layout copies
 (`copy`/`transpose`/`dynamic-slice`/`concatenate` fusions: the scan's per-layer weight slices and the attention
 layout changes), other generated fusions, and control flow (`while`/`cond`, whose time includes their bodies and
-is therefore not added to the total). Torch ops are grouped as matmuls (`addmm`/`mm`/`bmm`/`linear`), attention
+is therefore not added to the total). `flux_forward` profiles the per-layer inference layout (its ``ours``; the
+scanned stack is ``ours_scanned``). Torch ops are grouped as matmuls (`addmm`/`mm`/`bmm`/`linear`), attention
 (`scaled_dot_product`), copies (`copy_`/`cat`/`contiguous`) and the rest. Times are per forward.
 """
 from __future__ import annotations
