@@ -34,11 +34,14 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5, sync: Ca
         t0 = time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    out = {"median_s": med, "min_s": min(times), "max_s": max(times), "repeat": repeat}
+    out = _stats(times)
     if first is not None:
-        out.update(first_s=first, compile_est_s=max(first - med, 0.0))
+        out.update(first_s=first, compile_est_s=max(first - out["median_s"], 0.0))
     return out
+
+
+def _stats(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeat": len(times)}
 
 
 def time_interleaved(fns: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]], *, rounds: int = 7,
@@ -54,8 +57,7 @@ def time_interleaved(fns: dict[str, tuple[Callable[[], Any], Callable[[Any], Any
             t0 = time.perf_counter()
             sync(fn())
             times[k].append(time.perf_counter() - t0)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "repeat": rounds}
-            for k, v in times.items()}
+    return {k: _stats(v) for k, v in times.items()}
 
 
 def time_compile(jitted, *args, **kwargs) -> tuple[Any, float]:

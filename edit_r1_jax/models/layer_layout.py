@@ -43,6 +43,11 @@ def num_layers(block_tree) -> int:
     return int(np.shape(leaves[0])[0])
 
 
+def split_layers(block_tree) -> list:
+    """A stacked block subtree -> one subtree per layer (leaf ``a`` -> ``a[i]``), in layer order."""
+    return [jax.tree.map(lambda a, i=i: a[i], block_tree) for i in range(num_layers(block_tree))]
+
+
 def unstack_layers(tree: dict, keys: Iterable[str]) -> dict:
     """Stacked -> per-layer for the blocks under ``keys`` (those already per-layer or absent are left alone)."""
     out = dict(tree)
@@ -50,8 +55,7 @@ def unstack_layers(tree: dict, keys: Iterable[str]) -> dict:
         block = tree.get(key)
         if block is None or is_per_layer(block):
             continue
-        n = num_layers(block)
-        out[key] = {layer_name(i): jax.tree.map(lambda a, i=i: a[i], block) for i in range(n)}
+        out[key] = {layer_name(i): layer for i, layer in enumerate(split_layers(block))}
     return out
 
 
@@ -63,10 +67,10 @@ def stack_layers(tree: dict, keys: Iterable[str]) -> dict:
         block = tree.get(key)
         if block is None or not is_per_layer(block):
             continue
-        layers = [block[layer_name(i)] if layer_name(i) in block else None for i in range(len(block))]
-        if any(t is None for t in layers):
-            raise ValueError(f"layer_layout: {key} has layers {sorted(block)}; expected layers_0..layers_"
-                             f"{len(block) - 1}")
+        names = [layer_name(i) for i in range(len(block))]
+        if set(names) != set(block):
+            raise ValueError(f"layer_layout: {key} has layers {sorted(block)}; expected {names[0]}..{names[-1]}")
+        layers = [block[n] for n in names]
         ref = jax.tree.structure(layers[0])
         for i, t in enumerate(layers[1:], 1):
             if jax.tree.structure(t) != ref:

@@ -26,7 +26,8 @@ class FluxTransformerConfig:
     scan_layers: True (default; training, checkpoints) runs each block group with `nn.scan` over params stacked on
         a leading layer axis; False runs a Python loop over per-layer params (`transformer_blocks/layers_{i}/...`,
         see models/layer_layout.py), an inference layout without per-iteration weight slices (~3 % faster on the
-        CPU benchmark), one compiled body per block. Convert with `flux.unstack_layers` / `flux.stack_layers` or load with scan_layers=False.
+        CPU benchmark), one compiled body per block. Convert with `flux.unstack_layers` / `flux.stack_layers`, or
+        load with scan_layers=False.
     """
     patch_size: int = 1
     in_channels: int = 64

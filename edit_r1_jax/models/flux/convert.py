@@ -118,15 +118,9 @@ def load_transformer(path: str, dtype=jnp.float32, mesh=None, rules=None, **cfg_
             return jnp.asarray(host)
         return jax.make_array_from_callback(host.shape, _get(shardings, path), lambda idx: host[idx])
 
-    for leaf_path, shape, names in _leaf_plan(cfg):
-        def host_leaf(names=names, leaf_path=leaf_path):
-            parts = []
-            for name, kind in names:
-                a = reader.get(name)
-                parts.append(a.T if kind == "kernel" else a)
-            arr = np.stack(parts) if leaf_path[0] in _STACKED else parts[0]
-            return _to_dtype(arr, dtype)
-        host = host_leaf()
+    for leaf_path, _, names in _leaf_plan(cfg):
+        parts = [reader.get(name).T if kind == "kernel" else reader.get(name) for name, kind in names]
+        host = _to_dtype(np.stack(parts) if leaf_path[0] in _STACKED else parts[0], dtype)
         if leaf_path[0] in _STACKED and not cfg.scan_layers:   # per-layer inference layout
             for i in range(host.shape[0]):
                 path_i = (leaf_path[0], layer_layout.layer_name(i)) + leaf_path[1:]

@@ -437,8 +437,6 @@ def forward_with_rope(cfg: FluxTransformerConfig, params: dict, hidden_states, e
     check_layout(cfg, params)
     variables = {"params": params}
     if lora:
-        if not cfg.scan_layers:   # adapters are small: slice a stacked LoRA tree per layer here
-            lora = layer_layout.unstack_layers(lora, BLOCK_KEYS)
         variables["lora"] = scale_lora(lora, lora_scale)
     timestep = jnp.asarray(timestep)
     if timestep.ndim == 0:
@@ -454,6 +452,8 @@ def forward_with_rope(cfg: FluxTransformerConfig, params: dict, hidden_states, e
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _apply(cfg, mesh, rules, out_len, variables, hidden_states, encoder_hidden_states, pooled_projections, timestep,
            guidance, cos, sin):
+    if "lora" in variables and not cfg.scan_layers:   # a stacked LoRA tree is sliced per layer inside the jit
+        variables = {**variables, "lora": layer_layout.unstack_layers(variables["lora"], BLOCK_KEYS)}
     return FluxTransformer(cfg, mesh, rules).apply(variables, hidden_states, encoder_hidden_states,
                                                    pooled_projections, timestep, guidance, cos, sin, out_len)
 

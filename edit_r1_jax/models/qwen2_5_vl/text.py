@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from edit_r1_jax.models import layers
+from edit_r1_jax.models import layer_layout, layers
 from edit_r1_jax.models.qwen2_5_vl.common import RMSNorm, constrain, dense
 from edit_r1_jax.models.qwen2_5_vl.config import TextConfig
 
@@ -150,7 +150,10 @@ def decoder_stack(cfg: TextConfig, backend: str, remat: str, collect_hidden: boo
 
 def unstack_layers(stacked: dict, num_layers: int) -> list:
     """Per-layer param trees (torch ``layers.i``) from the scanned stack's params (leading 'layers' axis)."""
-    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)]
+    layer_trees = layer_layout.split_layers(stacked)
+    if len(layer_trees) != num_layers:
+        raise ValueError(f"unstack_layers: the stack holds {len(layer_trees)} layers, expected {num_layers}")
+    return layer_trees
 
 
 def stack_cache_to_step(cache) -> tuple:
