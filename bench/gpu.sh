@@ -10,8 +10,18 @@
 # Python: $PYTHON, else .venv/bin/python, else python3. On a machine with an NVIDIA GPU it installs jax[cuda12] (the
 # installed jax's version) and this package when missing (needs network; on an offline machine preinstall them).
 # Without a GPU it installs nothing: --smoke runs on the CPU, anything else exits 3.
+# Offline machine whose image already has jax (CUDA), torch, transformers, optax and orbax: download the missing pure
+# dependencies as cp312 wheels into a folder (flax grain array-record portpicker ml-collections tensorboardX; the
+# command is in BENCHMARKS.md section 8) and run `GPU_WHEELS=.whl PYTHON=python3 bash bench/gpu.sh`: the wheels go
+# to a temporary target and the repository onto PYTHONPATH, nothing is installed into the image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${GPU_WHEELS:-}" ]; then
+  SITE="$(mktemp -d)"
+  ${PYTHON:-python3} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+    "$GPU_WHEELS"/*.whl
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then

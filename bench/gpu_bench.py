@@ -9,6 +9,9 @@
            (fwd + bwd + AdamW, fp32 master params, bf16 compute), seconds
   decode   batched greedy decode, batch 8, 128 new tokens, bf16: our generate vs transformers generate (sdpa) on
            the same card (transformers is skipped when torch has no CUDA)
+  parity   fp32 numerics on the card: tiny Qwen2.5-VL with two images in a left-padded batch, our logits vs
+           transformers' (fp32, TF32 off on both sides: JAX 'highest' matmul precision), relative error (Frobenius
+           norm over the unpadded positions) and greedy-token agreement over 40 new tokens
 Usage: python bench/gpu_bench.py [--only matmul sft kontext decode] [--budget-s 540] [--smoke]
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np  # noqa: E402
 import sft_common  # noqa: E402
 import timing  # noqa: E402
 
-SECTIONS = ("matmul", "sft", "kontext", "decode")
+SECTIONS = ("matmul", "sft", "kontext", "decode", "parity")
 _CEILING: dict = {}
 # --smoke: the same code paths at toy sizes, to check the script on a CPU before spending GPU time
 SMOKE = False
@@ -206,7 +209,7 @@ def bench_decode():
     first_s = time.perf_counter() - t0
     t_ours = timing.time_fn(run_ours, warmup=1, repeat=5)
     ours_tps = batch * new / t_ours["median_s"]
-    torch_tps, agree = None, None
+    torch_tps, agree, agree_first = None, None, None
     if torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16)
         model.config._attn_implementation = "sdpa"
@@ -220,12 +223,53 @@ def bench_decode():
             return out
         t_torch = timing.time_fn(run_torch, sync=lambda x: x, warmup=1, repeat=3)
         torch_tps = batch * new / t_torch["median_s"]
-        agree = float(np.mean(np.asarray(run_ours()[0]) == run_torch()[:, t:].cpu().numpy()))
+        same = np.asarray(run_ours()[0]) == run_torch()[:, t:].cpu().numpy()
+        agree, agree_first = float(np.mean(same)), float(np.mean(same[:, 0]))
     timing.report("gpu_decode", "our tokens/s >= transformers generate on the same card",
                   ours_tps / torch_tps if torch_tps else None, card=_card(), ours_tok_s=ours_tps,
-                  torch_tok_s=torch_tps, greedy_agreement_bf16=agree, first_call_s=first_s, batch=batch,
+                  torch_tok_s=torch_tps, greedy_agreement_bf16=agree, first_token_agreement_bf16=agree_first,
+                  first_call_s=first_s, batch=batch,
                   new_tokens=new, params_m=q.num_params(cfg) / 1e6,
                   torch_cuda=bool(torch.cuda.is_available()))
+
+
+def bench_parity():
+    import jax
+    import torch
+    from edit_r1_jax.models import qwen2_5_vl as q
+    from edit_r1_jax.models.qwen2_5_vl import testing as T
+    new = 40
+    model = T.tiny_torch_model(tie=False, seed=0)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        cfg, params = q.load_pretrained(d)
+    grid = np.array([[1, 4, 6], [1, 6, 4]])
+    pv = T.pixel_values_for(grid, seed=7)
+    rows = [[1, 5] + T.image_tokens(grid[0]) + [7, 3], [1] + T.image_tokens(grid[1]) + [6, 20, 21, 22, 23]]
+    t = max(map(len, rows))
+    ids = np.zeros((len(rows), t), np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(q.forward(cfg, params, ids, mask, pv, grid))
+        toks = np.asarray(q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=new, eos_token_id=[])[0])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = model.to(dev)
+    kw = dict(input_ids=torch.tensor(ids, device=dev), attention_mask=torch.tensor(mask, device=dev),
+              pixel_values=torch.tensor(pv, device=dev), image_grid_thw=torch.tensor(grid, device=dev),
+              mm_token_type_ids=torch.tensor(T.mm_token_type_ids(ids), device=dev))
+    with torch.no_grad():
+        ref = model(**kw).logits.float().cpu().numpy()
+        ref_toks = model.generate(**kw, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  pad_token_id=0)[:, t:].cpu().numpy()
+    valid = mask.astype(bool)
+    rel = float(np.linalg.norm(ours[valid] - ref[valid]) / np.linalg.norm(ref[valid]))
+    timing.report("gpu_parity_qwen_fp32", "logits rel err <= 1e-5 (fp32, highest); greedy tokens identical",
+                  rel, card=_card(), torch_device=dev, max_abs_err=float(np.abs(ours[valid] - ref[valid]).max()),
+                  greedy_agreement=float(np.mean(toks == ref_toks)), new_tokens=new)
 
 
 def main() -> int:
