@@ -64,9 +64,13 @@ def run_parity(args) -> int:
     ids, pv, grid = _inputs(cfg, grids, args.seed)
     mm = (ids == cfg.image_token_id).astype(np.int64)
 
-    captured: dict[str, list] = {"vision": [], "text": []}
+    captured: dict[str, list] = {"vision": [], "text": [], "merger": []}
     hooks = [b.register_forward_hook(lambda m, i, o: captured["vision"].append(o.detach().float().numpy()))
              for b in ref_model.model.visual.blocks]
+    # the tower's merged features (raster order) through a hook on the tower, not the model output's
+    # `image_outputs` field (absent in earlier transformers 5.x releases, e.g. 5.17)
+    hooks.append(ref_model.model.visual.register_forward_hook(lambda m, i, o: captured["merger"].append(
+        getattr(o, "pooler_output", o).detach().float().numpy())))
     hooks += [l.register_forward_hook(lambda m, i, o: captured["text"].append(
         (o[0] if isinstance(o, tuple) else o).detach().float().numpy())) for l in ref_model.model.language_model.layers]
     with torch.no_grad():
@@ -78,7 +82,7 @@ def run_parity(args) -> int:
     with jax.default_matmul_precision("highest"):
         ours = q.forward_with_hidden(cfg, params, ids, None, pv, grid)
     merged, vis_hidden = ours["vision"]
-    ref_merged = torch.cat(ref.image_outputs.pooler_output).float().numpy()
+    ref_merged = np.concatenate(captured["merger"])
 
     rows = []
     for i, r in enumerate(captured["vision"]):
