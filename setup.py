@@ -32,6 +32,8 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     "torch==2.13.0",  # exact: the CPU wheel; never loosen
     "diffusers==0.42.1",
+    "peft==0.21.2",        # diffusers' LoRA loader backend (LoRA interchange tests)
+    "accelerate==1.15.0",  # needed by peft
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
     "hypothesis",

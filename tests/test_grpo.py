@@ -173,9 +173,25 @@ def test_toy_reward_rises_and_lora_base_is_frozen(editor, tmp_path):
     assert os.path.isfile(os.path.join(str(tmp_path), "images", "eval_grid_12.png"))
 
     # export (base editor + LoRA adapters) -> `edit-r1-jax eval-edit` reproduces the trainer's ODE edits exactly
-    from edit_r1_jax import cli
     out = t.export(res.state, str(tmp_path / "editor"))
     assert os.path.isfile(os.path.join(out, "lora", "adapter_model.safetensors"))
+    # ... and as diffusers' LoRA file (pipe.load_lora_weights), holding exactly the trained adapters
+    from edit_r1_jax.models import lora as lora_lib
+    from edit_r1_jax.models.flux import lora_diffusers
+    back, lcfg = lora_diffusers.load_diffusers_lora(os.path.join(out, "lora"), t.setup.tcfg)
+    assert (lcfg.rank, lcfg.scale) == (t.lora_cfg.rank, t.lora_cfg.scale)
+    trained = dict(lora_lib.adapter_modules(_host(t.policy_params(res.state))))
+    assert len(trained) == len(lora_lib.adapter_modules(back)) > 0
+    for mod, node in lora_lib.adapter_modules(back):
+        for leaf in ("lora_a", "lora_b"):
+            np.testing.assert_array_equal(np.asarray(node[leaf]), np.asarray(trained[mod][leaf], np.float32))
+    # `export --to diffusers` of the run's checkpoint writes the same diffusers LoRA file
+    from edit_r1_jax import cli
+    assert cli.main(["export", "--checkpoint", str(tmp_path), "--to", "diffusers", "--out",
+                     str(tmp_path / "exported")]) == 0
+    again, _ = lora_diffusers.load_diffusers_lora(str(tmp_path / "exported" / "lora"), t.setup.tcfg)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert cli.main(["eval-edit", "--editor", out, "--rrm", "gold", "--data", "synthetic:4", "--steps", "3",
                      "--batch", "8", "--out", str(tmp_path / "eval")]) == 0
     results = [json.loads(line) for line in open(tmp_path / "eval" / "results.jsonl")]

@@ -30,7 +30,10 @@ def add_parser(subparsers):
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (default 512)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights/activations dtype (auto: bfloat16 on TPU/GPU, float32 on CPU)")
-    p.add_argument("--lora", default=None, help="LoRA adapter directory/file (models.lora.save_lora)")
+    p.add_argument("--lora", default=None, help="LoRA adapter directory/file: ours (models.lora.save_lora) or "
+                   "diffusers' pytorch_lora_weights.safetensors")
+    p.add_argument("--transformer", default=None, help="use this transformer instead of MODEL/transformer: a "
+                   "diffusers folder or a BFL single file (flux1-kontext-dev.safetensors)")
     p.add_argument("--config", default=None, help="config file whose mesh/sharding to use "
                    "(e.g. configs/flux_kontext_dev.py)")
     p.add_argument("--per-layer", action="store_true",
@@ -51,6 +54,7 @@ def run(args) -> int:
     from PIL import Image
 
     from edit_r1_jax.models import lora as lora_lib
+    from edit_r1_jax.models.flux import lora_diffusers
     from edit_r1_jax.models.flux.pipeline import KontextPipeline, kontext_reference_size
 
     if args.config:
@@ -65,7 +69,8 @@ def run(args) -> int:
     jdt = jnp.float32 if dtype == "float32" else jnp.bfloat16
 
     t0 = time.time()
-    pipe = KontextPipeline.from_pretrained(args.model, dtype=jdt, mesh=mesh, scan_layers=not args.per_layer)
+    pipe = KontextPipeline.from_pretrained(args.model, dtype=jdt, mesh=mesh, scan_layers=not args.per_layer,
+                                           transformer=args.transformer)
     if rules != parallel.DEFAULT_RULES:
         print("note: custom sharding rules apply to activations only; params use the default rules")
     print(f"loaded {args.model} in {time.time() - t0:.1f}s ({dtype}, "
@@ -73,7 +78,7 @@ def run(args) -> int:
           f"{parallel.describe_mesh(mesh) if mesh is not None else 'single device'})")
     lora, lora_scale = None, 1.0
     if args.lora:
-        lora, lcfg = lora_lib.load_lora(args.lora, dtype=jdt)
+        lora, lcfg = lora_diffusers.load_any_lora(args.lora, pipe.tcfg, dtype=jdt)
         lora_scale = lcfg.scale
         print(f"LoRA: {lora_lib.count(lora) / 1e6:.2f}M params, rank {lcfg.rank}, alpha {lcfg.alpha}")
 

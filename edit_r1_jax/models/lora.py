@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
+from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, read_header, write_safetensors
 
 LORA_LEAVES = ("lora_a", "lora_b")
 
@@ -130,6 +130,11 @@ def _modules(lora: dict) -> list[tuple]:
     return [p[:-1] for p, _ in _walk(lora) if p[-1] == "lora_a"]
 
 
+def adapter_modules(lora: dict) -> list[tuple[tuple, dict]]:
+    """[(module path, {"lora_a": ..., "lora_b": ...})] for every adapter in the tree, in tree order."""
+    return [(mod, _get(lora, mod) if mod else lora) for mod in _modules(lora)]
+
+
 def apply_lora(params: dict, lora: dict, scale: float) -> dict:
     """Merged params: kernel + scale * lora_a @ lora_b for every adapted module (other leaves shared, not copied)."""
     out = _shallow_copy(params)
@@ -194,10 +199,7 @@ def load_lora(path: str, dtype=None) -> tuple[dict, LoraConfig]:
     fpath = os.path.join(path, "adapter_model.safetensors") if os.path.isdir(path) else path
     if not os.path.isfile(fpath):
         raise CheckpointError(f"{path}: no LoRA adapter file (expected adapter_model.safetensors)")
-    import struct
-    with open(fpath, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    header, _ = read_header(fpath)
     meta = header.get("__metadata__", {})
     if "lora_config" not in meta:
         raise CheckpointError(f"{fpath}: not a LoRA adapter file written by save_lora (no lora_config metadata)")

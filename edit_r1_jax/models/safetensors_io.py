@@ -30,7 +30,8 @@ class CheckpointError(ValueError):
     """A checkpoint does not match what the model expects (names every offending tensor)."""
 
 
-def _read_header(path: str) -> tuple[dict, int]:
+def read_header(path: str) -> tuple[dict, int]:
+    """(the JSON header of one safetensors file, the byte offset of its data section); raises CheckpointError."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -67,7 +68,7 @@ class SafetensorsReader:
         for fpath in files:
             if not os.path.exists(fpath):
                 raise CheckpointError(f"{fpath}: listed in the index but missing")
-            header, base = _read_header(fpath)
+            header, base = read_header(fpath)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue

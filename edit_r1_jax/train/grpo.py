@@ -63,6 +63,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from edit_r1_jax import parallel, rl
 from edit_r1_jax.models import lora as lora_lib
+from edit_r1_jax.models.flux import lora_diffusers
 from edit_r1_jax.train import grpo_rollout as ro
 from edit_r1_jax.train import rl_loop
 from edit_r1_jax.train import roles as roles_lib
@@ -606,6 +607,8 @@ class GRPOTrainer:
         params = jax.tree.map(ro.to_host, self.policy_params(state))
         if self.lora_cfg is not None:
             lora_lib.save_lora(params, self.lora_cfg, os.path.join(out_dir, "lora"))
+            # the same adapters as diffusers' LoRA file: `FluxKontextPipeline.load_lora_weights(out_dir + "/lora")`
+            lora_diffusers.save_diffusers_lora(self.setup.tcfg, params, self.lora_cfg, os.path.join(out_dir, "lora"))
             self.setup.save(self.frozen["base"], out_dir)
         else:
             self.setup.save(params, out_dir)

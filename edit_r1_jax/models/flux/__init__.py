@@ -6,6 +6,8 @@ Public API (stable; called with diffusers-style inputs):
     v = flux.transformer_forward(tcfg, tparams, hidden_states, encoder_hidden_states, pooled_projections,
                                  timestep, img_ids, txt_ids, guidance=None)
     flux.save_transformer(tcfg, tparams, out_dir)
+    tcfg, tparams = flux.load_transformer("flux1-kontext-dev.safetensors")   # BFL single file (config inferred)
+    flux.save_transformer_bfl(tcfg, tparams, "out.safetensors")
     tcfg, tparams = flux.unstack_layers(tcfg, tparams)   # per-layer inference layout (scan_layers=False); back
                                                          # with flux.stack_layers; or load with scan_layers=False
     vcfg, vparams = flux.load_vae(path); flux.vae_encode(...); flux.vae_decode(...); flux.save_vae(...)
@@ -13,11 +15,12 @@ Public API (stable; called with diffusers-style inputs):
 The VAE functions live in `flux/vae.py` and are imported lazily.
 """
 from edit_r1_jax.models.flux.config import FluxTransformerConfig, kontext_dev_config
-from edit_r1_jax.models.flux.convert import load_transformer, save_transformer
+from edit_r1_jax.models.flux.convert import load_transformer, save_transformer, save_transformer_bfl
 from edit_r1_jax.models.flux.transformer import (init_params, param_logical_axes, param_shardings, stack_layers,
                                                  transformer_forward, unstack_layers)
 
 __all__ = ["FluxTransformerConfig", "kontext_dev_config", "load_transformer", "save_transformer",
+           "save_transformer_bfl",
            "transformer_forward", "init_params", "unstack_layers", "stack_layers", "param_logical_axes",
            "param_shardings",
            "load_vae", "vae_encode", "vae_decode", "save_vae"]

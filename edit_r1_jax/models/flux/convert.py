@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_r1_jax.models import layer_layout
-from edit_r1_jax.models.flux import transformer as tr
+from edit_r1_jax.models.flux import bfl_format, transformer as tr
 from edit_r1_jax.models.flux.config import FluxTransformerConfig
 from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, check_tensors, write_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 _STACKED = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
+STACKED_BLOCKS = _STACKED      # block key -> the config field with its depth
 _FOLD = (("to_out.0", "to_out_0"), ("net.0.proj", "net_0_proj"), ("net.2", "net_2"))
 
 
@@ -83,6 +84,19 @@ def expected_tensors(cfg: FluxTransformerConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def kernel_modules(cfg: FluxTransformerConfig) -> dict[str, tuple[tuple, int | None, tuple[int, int]]]:
+    """Every Dense of the transformer: diffusers module name (``transformer_blocks.0.attn.to_q``) -> (our module
+    path in the stacked layout, layer index or None, kernel (in, out))."""
+    out = {}
+    for path, shape, names in _leaf_plan(cfg):
+        if path[-1] != "kernel":
+            continue
+        stacked = path[0] in _STACKED
+        for i, (name, _) in enumerate(names):
+            out[name[:-len(".weight")]] = (path[:-1], i if stacked else None, tuple(shape[-2:]))
+    return out
+
+
 def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -98,17 +112,24 @@ def _to_dtype(arr: np.ndarray, dtype) -> np.ndarray:
 
 def load_transformer(path: str, dtype=jnp.float32, mesh=None, rules=None, **cfg_overrides
                      ) -> tuple[FluxTransformerConfig, dict]:
-    """Load a diffusers FluxTransformer2DModel folder -> (config, params).
+    """Load a diffusers FluxTransformer2DModel folder -> (config, params). ``path`` may also be a Black Forest Labs
+    single file (``flux1-kontext-dev.safetensors``, BFL or ComfyUI key names; config inferred from the shapes, see
+    `bfl_format`).
 
     dtype: parameter and activation dtype (bf16 checkpoints are upcast when dtype is float32 and vice versa).
     mesh: place each leaf directly on its NamedSharding (`param_shardings`); otherwise on the default device.
     cfg_overrides: JAX-only config fields (remat=..., attention_backend=..., scan_layers=False for the per-layer
         inference layout, each layer's leaves placed directly).
     """
-    if os.path.isdir(os.path.join(path, "transformer")) and not os.path.isfile(os.path.join(path, "config.json")):
-        path = os.path.join(path, "transformer")
-    cfg = FluxTransformerConfig.from_diffusers(read_config(path), dtype=dtype, param_dtype=dtype, **cfg_overrides)
-    reader = SafetensorsReader(path, prefix=WEIGHTS_NAME)
+    if os.path.isfile(path) and path.endswith(".safetensors"):       # BFL single file (flux1-kontext-dev...)
+        reader = bfl_format.BflReader(path)
+        d = bfl_format.config_from_bfl(reader, axes_dims_rope=cfg_overrides.pop("axes_dims_rope", None))
+        cfg = FluxTransformerConfig.from_diffusers(d, dtype=dtype, param_dtype=dtype, **cfg_overrides)
+    else:
+        if os.path.isdir(os.path.join(path, "transformer")) and not os.path.isfile(os.path.join(path, "config.json")):
+            path = os.path.join(path, "transformer")
+        cfg = FluxTransformerConfig.from_diffusers(read_config(path), dtype=dtype, param_dtype=dtype, **cfg_overrides)
+        reader = SafetensorsReader(path, prefix=WEIGHTS_NAME)
     check_tensors(expected_tensors(cfg), reader.shapes(), source=path)
     shardings = tr.param_shardings(cfg, mesh, rules) if mesh is not None else None
     params: dict = {}
@@ -165,6 +186,20 @@ def to_diffusers_state_dict(cfg: FluxTransformerConfig, params: dict, dtype=None
     if missing:
         raise CheckpointError(f"save_transformer: params lack {sorted(missing)}")
     return out
+
+
+def save_transformer_bfl(tcfg: FluxTransformerConfig, tparams: dict, path: str, dtype=None) -> str:
+    """Write one Black Forest Labs single-file checkpoint (``path`` ends in .safetensors; BFL key names, fused qkv)
+    that BFL's reference code, ComfyUI and `load_transformer(path)` read. Complete or absent, never half-written."""
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"save_transformer_bfl: {path!r} must end in .safetensors")
+    state = bfl_format.to_bfl_state_dict(to_diffusers_state_dict(tcfg, tparams, dtype), tcfg.inner_dim)
+    if jax.process_index() != 0:
+        return path
+    out_dir = os.path.dirname(os.path.abspath(path))
+    write_safetensors(state, out_dir, basename=os.path.basename(path)[:-len(".safetensors")],
+                      max_shard_bytes=2**62)
+    return path
 
 
 def save_transformer(tcfg: FluxTransformerConfig, tparams: dict, out_dir: str, dtype=None,

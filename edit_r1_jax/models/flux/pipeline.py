@@ -163,13 +163,21 @@ class KontextPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=jnp.float32, mesh=None, text_encoders: bool = True,
-                        **transformer_overrides) -> "KontextPipeline":
+                        transformer: str | None = None, **transformer_overrides) -> "KontextPipeline":
         """Load a diffusers FluxKontextPipeline directory (transformer/, vae/, text_encoder/, text_encoder_2/,
-        tokenizer/, tokenizer_2/, scheduler/), each component straight onto `mesh` when given."""
+        tokenizer/, tokenizer_2/, scheduler/), each component straight onto `mesh` when given.
+
+        ``transformer``: another transformer to use, a diffusers folder or a BFL single file
+        (``flux1-kontext-dev.safetensors``; its rotary ``axes_dims_rope`` is taken from ``path/transformer``'s
+        config.json when that exists)."""
         import os
         from edit_r1_jax.models.flux import convert, vae
-        tcfg, tparams = convert.load_transformer(os.path.join(path, "transformer"), dtype=dtype, mesh=mesh,
-                                                 **transformer_overrides)
+        tpath = transformer or os.path.join(path, "transformer")
+        own_cfg = os.path.join(path, "transformer", "config.json")
+        if os.path.isfile(tpath) and os.path.isfile(own_cfg) and "axes_dims_rope" not in transformer_overrides:
+            transformer_overrides["axes_dims_rope"] = tuple(convert.read_config(os.path.dirname(own_cfg))
+                                                            .get("axes_dims_rope", (16, 56, 56)))
+        tcfg, tparams = convert.load_transformer(tpath, dtype=dtype, mesh=mesh, **transformer_overrides)
         vcfg, vparams = vae.load_vae(path, dtype=dtype, mesh=mesh)
         kw = {}
         if text_encoders:
