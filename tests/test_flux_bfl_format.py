@@ -19,6 +19,7 @@ import jax  # noqa: E402
 from edit_r1_jax.models import flux  # noqa: E402
 from edit_r1_jax.models.flux import bfl_format, parity  # noqa: E402
 from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors  # noqa: E402
+from helpers.flux_forward import kontext_inputs, ours_forward, rel_err, torch_forward  # noqa: E402
 
 INNER, MLP, HEAD = 3072, 12288, 128
 
@@ -76,24 +77,6 @@ def tiny(tmp_path_factory):
     return model, tcfg, tparams, d
 
 
-def forward_both(model, tcfg, tparams):
-    rng = np.random.default_rng(1)
-    n_txt, grid = 4, 3
-    ids = np.stack(np.meshgrid([0, 1], np.arange(grid), np.arange(grid), indexing="ij"), -1).reshape(-1, 3)
-    x = dict(hidden_states=rng.standard_normal((1, 2 * grid * grid, tcfg.in_channels)).astype(np.float32),
-             encoder_hidden_states=rng.standard_normal((1, n_txt, tcfg.joint_attention_dim)).astype(np.float32),
-             pooled_projections=rng.standard_normal((1, tcfg.pooled_projection_dim)).astype(np.float32),
-             timestep=np.array([0.4], np.float32), img_ids=ids.astype(np.float32),
-             txt_ids=np.zeros((n_txt, 3), np.float32), guidance=np.array([3.0], np.float32))
-    with torch.no_grad():
-        ref = model(**{k: torch.from_numpy(v) for k, v in x.items()}, return_dict=False)[0].numpy()
-    with jax.default_matmul_precision("highest"):
-        ours = np.asarray(flux.transformer_forward(tcfg, tparams, *(x[k] for k in (
-            "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
-            "guidance"))))
-    return ours, ref
-
-
 @pytest.mark.parametrize("comfy", [False, True])
 def test_tiny_model_through_a_bfl_file(tiny, tmp_path, comfy):
     model, tcfg, tparams, _ = tiny
@@ -110,8 +93,8 @@ def test_tiny_model_through_a_bfl_file(tiny, tmp_path, comfy):
     assert jax.tree.structure(params2) == jax.tree.structure(tparams)
     for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(tparams)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    ours, ref = forward_both(model, cfg2, params2)
-    assert float(np.abs(ours - ref).max() / np.abs(ref).max()) <= 1e-5
+    x = kontext_inputs(tcfg, seed=1, n_txt=4, timestep=0.4, guidance=3.0)
+    assert rel_err(ours_forward(cfg2, params2, x), torch_forward(model, x)) <= 1e-5
     flux.save_transformer(cfg2, params2, str(tmp_path / "back"))           # and on to a diffusers folder
     from diffusers import FluxTransformer2DModel
     back = FluxTransformer2DModel.from_pretrained(str(tmp_path / "back")).state_dict()

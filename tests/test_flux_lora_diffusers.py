@@ -22,14 +22,10 @@ from edit_r1_jax.models import flux, layer_layout, lora as lora_lib  # noqa: E40
 from edit_r1_jax.models.flux import lora_diffusers as ld, parity  # noqa: E402
 from edit_r1_jax.models.flux.transformer import BLOCK_KEYS  # noqa: E402
 from edit_r1_jax.models.safetensors_io import CheckpointError, write_safetensors  # noqa: E402
+from helpers.flux_forward import kontext_inputs, ours_forward, rel_err, torch_forward  # noqa: E402
 
 TOL = 1e-5
 LCFG = lora_lib.LoraConfig(rank=4, alpha=8.0)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -38,27 +34,11 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("lora_diffusers")
     pipe.transformer.save_pretrained(str(d / "transformer"))
     tcfg, tparams = flux.load_transformer(str(d / "transformer"))
-    rng = np.random.default_rng(0)
-    n_txt, grid = 5, 3
-    ids = np.stack(np.meshgrid([0, 1], np.arange(grid), np.arange(grid), indexing="ij"), -1).reshape(-1, 3)
-    x = dict(hidden_states=rng.standard_normal((1, 2 * grid * grid, tcfg.in_channels)).astype(np.float32),
-             encoder_hidden_states=rng.standard_normal((1, n_txt, tcfg.joint_attention_dim)).astype(np.float32),
-             pooled_projections=rng.standard_normal((1, tcfg.pooled_projection_dim)).astype(np.float32),
-             timestep=np.array([0.6], np.float32), img_ids=ids.astype(np.float32),
-             txt_ids=np.zeros((n_txt, 3), np.float32), guidance=np.array([2.5], np.float32))
-    return pipe, tcfg, tparams, x
-
-
-def torch_out(transformer, x):
-    with torch.no_grad():
-        return transformer(**{k: torch.from_numpy(v) for k, v in x.items()}, return_dict=False)[0].numpy()
+    return pipe, tcfg, tparams, kontext_inputs(tcfg, seed=0)
 
 
 def ours_out(tcfg, tparams, x, lora=None, scale=1.0):
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(flux.transformer_forward(
-            tcfg, tparams, x["hidden_states"], x["encoder_hidden_states"], x["pooled_projections"], x["timestep"],
-            x["img_ids"], x["txt_ids"], x["guidance"], lora=None if lora is None else lora_lib.scale_lora(lora, scale)))
+    return ours_forward(tcfg, tparams, x, None if lora is None else lora_lib.scale_lora(lora, scale))
 
 
 def random_adapters(tparams, seed=3, std=0.2):
@@ -72,16 +52,16 @@ def test_exported_adapters_load_in_diffusers_with_equal_outputs(setup, tmp_path)
     lora = random_adapters(tparams)
     path = ld.save_diffusers_lora(tcfg, lora, LCFG, str(tmp_path / "lora"))
     assert path.endswith("pytorch_lora_weights.safetensors")
-    base = torch_out(pipe.transformer, x)
+    base = torch_forward(pipe.transformer, x)
     pipe.load_lora_weights(str(tmp_path / "lora"))            # diffusers' own loader, PEFT backend
     try:
-        ref = torch_out(pipe.transformer, x)
+        ref = torch_forward(pipe.transformer, x)
     finally:
         pipe.unload_lora_weights()
     ours = ours_out(tcfg, tparams, x, lora, LCFG.scale)
     assert rel_err(ref, base) > 1e-2                          # the adapters change the output
     assert rel_err(ours, ref) <= TOL
-    np.testing.assert_allclose(torch_out(pipe.transformer, x), base, rtol=0, atol=0)   # unloaded again
+    np.testing.assert_allclose(torch_forward(pipe.transformer, x), base, rtol=0, atol=0)   # unloaded again
 
 
 def test_peft_adapter_saved_by_diffusers_loads_here(setup, tmp_path):
@@ -96,7 +76,7 @@ def test_peft_adapter_saved_by_diffusers_loads_here(setup, tmp_path):
     transformer.add_adapter(peft_cfg)
     FluxKontextPipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(transformer),
                                           transformer_lora_adapter_metadata=peft_cfg.to_dict())
-    ref = torch_out(transformer, x)
+    ref = torch_forward(transformer, x)
     lora, lcfg = ld.load_diffusers_lora(str(tmp_path), tcfg)
     assert (lcfg.rank, lcfg.alpha) == (3, 5.0)
     ff = lora["transformer_blocks"]["ff"]["net_2"]
