@@ -83,10 +83,11 @@ def test_tiny_model_through_a_bfl_file(tiny, tmp_path, comfy):
     path = flux.save_transformer_bfl(tcfg, tparams, str(tmp_path / "tiny_bfl.safetensors"))
     keys = SafetensorsReader(path).keys()
     assert "double_blocks.1.img_attn.qkv.weight" in keys and "single_blocks.0.linear1.weight" in keys
-    if comfy:                                   # the same tensors under ComfyUI's prefix
+    if comfy:       # the same tensors under ComfyUI's prefix, in an all-in-one file with a VAE tensor beside them
         r = SafetensorsReader(path)
-        write_safetensors({bfl_format.COMFY_PREFIX + k: np.array(r.get(k)) for k in keys}, str(tmp_path),
-                          basename="comfy")
+        tensors = {bfl_format.COMFY_PREFIX + k: np.array(r.get(k)) for k in keys}
+        tensors["first_stage_model.decoder.conv_in.weight"] = np.zeros((4, 3), np.float32)
+        write_safetensors(tensors, str(tmp_path), basename="comfy")
         path = str(tmp_path / "comfy.safetensors")
     cfg2, params2 = flux.load_transformer(path, axes_dims_rope=tcfg.axes_dims_rope)
     assert cfg2 == tcfg

@@ -14,6 +14,7 @@ the transformer config from the tensor shapes; `to_bfl_state_dict` is the invers
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Mapping
 
@@ -21,7 +22,9 @@ import numpy as np
 
 from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader
 
-COMFY_PREFIX = "model.diffusion_model."
+log = logging.getLogger(__name__)
+
+COMFY_PREFIX = "model.diffusion_model."      # ComfyUI checkpoints (an all-in-one file also holds VAE / encoders)
 
 # BFL name (with {i} for the block index) -> diffusers name; '.weight'/'.bias'/'.scale' suffixes handled below
 _EMBED = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
@@ -98,8 +101,12 @@ class BflReader:
         self.path = path
         self._src = SafetensorsReader(path)
         keys = self._src.keys()
-        self.prefix = COMFY_PREFIX if keys and all(k.startswith(COMFY_PREFIX) for k in keys) else ""
-        self._bfl = {k[len(self.prefix):]: k for k in keys}
+        comfy = [k for k in keys if k.startswith(COMFY_PREFIX)]
+        self.prefix = COMFY_PREFIX if comfy else ""
+        self._bfl = {k[len(self.prefix):]: k for k in (comfy or keys)}
+        if comfy and len(comfy) < len(keys):        # a ComfyUI all-in-one file: VAE / text encoders beside it
+            log.info("%s: reading the %d model.diffusion_model.* tensors; %d tensors of other components ignored",
+                     path, len(comfy), len(keys) - len(comfy))
         if "img_in.weight" not in self._bfl:
             raise CheckpointError(f"{path}: not a BFL FLUX transformer file (no img_in.weight; keys e.g. "
                                   f"{sorted(self._bfl)[:5]})")
