@@ -6,8 +6,11 @@ Goal: ratio = our tokens/s / transformers tokens/s >= 3.
 
 Physical ceiling, measured in the same run: a decode step must read every text-decoder weight and the LM head once
 for its 8 rows. ``weight_floor_ms`` is the time per iteration of a jitted loop doing exactly those 8-row matmuls
-(distinct weights, re-read every iteration as the decode loop re-reads them). Prefill (``generate`` with one new
-token) is timed on both sides too. ``ceiling_ratio`` = transformers' generate time / (our prefill + 127 steps at the
+(distinct weights, re-read every iteration as the decode loop re-reads them), in the faster of two forms: ``x @ W``
+(``floor_in_out_ms``) and the weight transposed beforehand as the left operand (``floor_out_in_ms``; XLA:CPU's GEMM
+streams it about twice as fast, so ``generate`` uses it on CPU; ``ratio_in_out`` / ``ours_step_in_out_ms`` time
+``generate(decode_layout="in_out")`` in the same run). Prefill (``generate`` with one new token) is timed on both
+sides too. ``ceiling_ratio`` = transformers' generate time / (our prefill + 127 steps at the
 floor) is the best whole-generate ratio an fp32 implementation with our prefill can reach on this machine;
 ``decode_step_ratio`` and ``decode_step_ceiling`` compare one decode step (prefill excluded) the same way, and
 ``floor_efficiency`` = floor / our step. Everything is timed in alternation (``timing.time_interleaved``).
@@ -66,18 +69,28 @@ def decode_matrices(cfg, params) -> list:
     return mats + [head]
 
 
-def weight_floor_fn(mats, rows: int, steps: int = 32):
+def weight_floor_fn(mats, rows: int, steps: int = 32, layout: str = "in_out"):
     """A jitted ``fori_loop`` of ``steps`` iterations, each multiplying ``rows`` rows by every matrix once, with a
     carried dependency so nothing is hoisted: the decode loop's weight traffic and nothing else, with the weights
-    re-read every iteration exactly as a decode loop re-reads them (cache-warm where they fit). Divide by steps."""
+    re-read every iteration exactly as a decode loop re-reads them (cache-warm where they fit). Divide by steps.
+    ``layout``: "in_out" computes ``x @ W`` (W [in, out] the right operand), "out_in" ``W^T x^T`` with W^T
+    [out, in] materialised beforehand as the left operand (what ``generate``'s CPU decode step does)."""
     import jax
     import jax.numpy as jnp
     xs = {m.shape[0]: jnp.ones((rows, m.shape[0]), jnp.float32) for m in mats}
+    if layout == "out_in":
+        mats = [jnp.asarray(np.ascontiguousarray(np.asarray(m).T)) for m in mats]
+
+    def product(x, m):
+        if layout == "out_in":
+            return jax.lax.dot_general(m, x, (((1,), (1,)), ((), ())))
+        return x @ m
 
     @jax.jit
     def loop(xs, mats):
         def body(i, acc):
-            return acc * 1e-30 + sum(jnp.sum((xs[m.shape[0]] + acc) @ m) for m in mats)
+            return acc * 1e-30 + sum(jnp.sum(product(xs[m.shape[-1 if layout == "out_in" else 0]] + acc, m))
+                                     for m in mats)
         return jax.lax.fori_loop(0, steps, body, jnp.float32(0))
     return lambda: loop(xs, mats)
 
@@ -110,31 +123,43 @@ def main():
     run_ours = lambda: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=NEW, eos_token_id=[])  # noqa
     run_ours_1 = lambda: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=1, eos_token_id=[])  # noqa
     first = timing.time_fn(run_ours, warmup=1, repeat=1)
+    run_ours_io = lambda: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=NEW,  # noqa: E731
+                                     eos_token_id=[], decode_layout="in_out")
     mats = decode_matrices(cfg, params)
     floor_steps = 32
-    floor_fn = weight_floor_fn(mats, BATCH, floor_steps)
+    floor_io = weight_floor_fn(mats, BATCH, floor_steps, "in_out")
+    floor_oi = weight_floor_fn(mats, BATCH, floor_steps, "out_in")
     # everything timed in alternation so the VM's drifting memory bandwidth hits each alike
     tt = timing.time_interleaved({"torch": (run_torch, lambda x: x), "ours": (run_ours, timing.block),
                                   "torch_1": (run_torch_1, lambda x: x), "ours_1": (run_ours_1, timing.block),
-                                  "floor": (floor_fn, timing.block)}, rounds=3)
+                                  "ours_in_out": (run_ours_io, timing.block),
+                                  "floor_in_out": (floor_io, timing.block), "floor_out_in": (floor_oi, timing.block)},
+                                 rounds=3)
     med = {k: v["median_s"] for k, v in tt.items()}
     agree = float(np.mean(np.asarray(run_ours()[0]) == run_torch()[:, ids.shape[1]:].numpy()))
     tps_torch, tps_ours = BATCH * NEW / med["torch"], BATCH * NEW / med["ours"]
-    floor_s = med["floor"] / floor_steps
+    floor_s = min(med["floor_in_out"], med["floor_out_in"]) / floor_steps      # the faster form is the floor
     step_torch = (med["torch"] - med["torch_1"]) / (NEW - 1)      # one decode step, prefill excluded
     step_ours = (med["ours"] - med["ours_1"]) / (NEW - 1)
+    step_ours_io = (med["ours_in_out"] - med["ours_1"]) / (NEW - 1)
     # best whole-generate ratio reachable by an fp32 implementation with our prefill and a decode step at the floor
     ceiling = med["torch"] / (med["ours_1"] + (NEW - 1) * floor_s)
     weight_mb = sum(m.size for m in mats) * 4 / 1e6
     print(f"prefill+1: transformers {med['torch_1'] * 1e3:.0f} ms, ours {med['ours_1'] * 1e3:.0f} ms; decode step: "
-          f"transformers {step_torch * 1e3:.2f} ms, ours {step_ours * 1e3:.2f} ms; weight floor ({weight_mb:.0f} MB "
-          f"per step, in a loop) {floor_s * 1e3:.2f} ms -> ceiling ratio {ceiling:.2f}x")
+          f"transformers {step_torch * 1e3:.2f} ms, ours {step_ours * 1e3:.2f} ms (in_out weights "
+          f"{step_ours_io * 1e3:.2f} ms); weight floor ({weight_mb:.0f} MB per step, in a loop) x@W "
+          f"{med['floor_in_out'] / floor_steps * 1e3:.2f} ms, W^T as left operand "
+          f"{med['floor_out_in'] / floor_steps * 1e3:.2f} ms -> ceiling ratio {ceiling:.2f}x")
     timing.report("qwen_decode", "ours >= 3x transformers generate tokens/s", tps_ours / tps_torch,
                   torch_tok_s=tps_torch, ours_tok_s=tps_ours, ours_compile_est_s=first["compile_est_s"],
                   greedy_token_agreement=agree, batch=BATCH, new_tokens=NEW, params_m=q.num_params(cfg) / 1e6,
                   torch_prefill_ms=med["torch_1"] * 1e3, ours_prefill_ms=med["ours_1"] * 1e3,
                   torch_step_ms=step_torch * 1e3, ours_step_ms=step_ours * 1e3,
-                  decode_step_ratio=step_torch / step_ours, weight_floor_ms=floor_s * 1e3, weight_mb=weight_mb,
+                  decode_step_ratio=step_torch / step_ours, ours_step_in_out_ms=step_ours_io * 1e3,
+                  ratio_in_out=med["torch"] / med["ours_in_out"],
+                  floor_in_out_ms=med["floor_in_out"] / floor_steps * 1e3,
+                  floor_out_in_ms=med["floor_out_in"] / floor_steps * 1e3, weight_floor_ms=floor_s * 1e3,
+                  weight_mb=weight_mb,
                   ceiling_ratio=ceiling, decode_step_ceiling=step_torch / floor_s,
                   floor_efficiency=floor_s / step_ours)
 

@@ -111,3 +111,44 @@ def test_prompt_length_buckets_do_not_recompile(setup):
         ids, mask = pad_rows(rows, "right")
         q.generate(cfg, params, ids, mask, max_new_tokens=12)
     assert gen_lib._generate_jit._cache_size() == n
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_decode_weight_layouts_agree(tmp_path, tie, highest_precision):
+    """The CPU decode step's output-major weights ("out_in": kernels transposed, weight as the dot's left operand)
+    give the tokens and log-probs of the Flax-layout step ("in_out"), for an untied LM head and a tied one."""
+    model = T.tiny_torch_model(tie=tie, seed=3)
+    model.save_pretrained(str(tmp_path))
+    cfg, params = q.load_pretrained(str(tmp_path))
+    grid = np.array([[1, 4, 6]])
+    pv = T.pixel_values_for(grid, seed=1)
+    ids, mask = pad_rows([[1, 5] + T.image_tokens(grid[0]) + [7, 3], [1, 9, 8, 7]], "left")
+    outs = {lay: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=16, eos_token_id=[],
+                            decode_layout=lay) for lay in ("in_out", "out_in")}
+    np.testing.assert_array_equal(np.asarray(outs["out_in"][0]), np.asarray(outs["in_out"][0]))
+    np.testing.assert_allclose(np.asarray(outs["out_in"][1]), np.asarray(outs["in_out"][1]), atol=1e-6, rtol=0)
+    assert gen_lib.resolve_decode_layout("auto") == "out_in"          # tests run on CPU
+    with pytest.raises(ValueError, match="decode_layout"):
+        q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2, decode_layout="rows")
+
+
+def test_dense_out_in_equals_dense():
+    """common.DenseOutIn on kernel_t == nn.DenseGeneral on the kernel, for q_proj-like ([D] -> [H, hd], bias) and
+    o_proj-like ([H, hd] -> [D], axis=(-2, -1)) projections (text.to_out_in does the transposes)."""
+    import jax.numpy as jnp
+    from edit_r1_jax.models.qwen2_5_vl import common, text
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    xh = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), jnp.float32)
+    tree = {"q_proj": {"kernel": jnp.asarray(rng.standard_normal((8, 4, 5)), jnp.float32),
+                       "bias": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)},
+            "o_proj": {"kernel": jnp.asarray(rng.standard_normal((4, 5, 8)), jnp.float32)}}
+    tree_t = text.to_out_in(tree)
+    assert tree_t["q_proj"]["kernel_t"].shape == (4, 5, 8) and tree_t["o_proj"]["kernel_t"].shape == (8, 4, 5)
+    with jax.default_matmul_precision("highest"):
+        for name, inp, kw in (("q_proj", x, dict(features=(4, 5), use_bias=True)),
+                              ("o_proj", xh, dict(features=8, axis=(-2, -1), use_bias=False))):
+            want = common.dense(kw["features"], (None,) * 3, use_bias=kw["use_bias"], name=name,
+                                axis=kw.get("axis", -1)).apply({"params": tree[name]}, inp)
+            got = common.DenseOutIn(**kw, name=name).apply({"params": tree_t[name]}, inp)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)

@@ -54,13 +54,44 @@ def _select(logits_bv, key, temperature, top_k, top_p):
     return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
 
+DECODE_LAYOUTS = ("auto", "in_out", "out_in")
+
+
+def resolve_decode_layout(layout: str) -> str:
+    """The decode step's weight layout. "auto": "out_in" on CPU, where XLA's library GEMM streams an output-major
+    weight given as the left operand about twice as fast as the [in, out] right operand for the step's few rows
+    (memory-bound; bench/qwen_decode.py), else "in_out" (GPU/TPU compilers pick layouts themselves, and the
+    transposed copy would double the weights' memory during generation)."""
+    if layout not in DECODE_LAYOUTS:
+        raise ValueError(f"decode_layout={layout!r}: expected one of {DECODE_LAYOUTS}")
+    if layout == "auto":
+        return "out_in" if jax.default_backend() == "cpu" else "in_out"
+    return layout
+
+
+def decode_weights(cfg: Qwen25VLConfig, params: dict, layout: str) -> tuple[list, jax.Array | None]:
+    """(per-layer decoder params, LM head [vocab, D] or None) for the decode loop; call once, outside it.
+    "out_in": kernels transposed by ``text.to_out_in`` and the head output-major, behind an optimization barrier so
+    that XLA cannot fold the transposes back into the loop's dots."""
+    layer_params = text_lib.unstack_layers(params["layers"], cfg.text.num_hidden_layers)
+    if layout == "in_out":
+        return layer_params, None
+    head_vd = params["embed_tokens"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"].T
+    return jax.lax.optimization_barrier(([text_lib.to_out_in(p) for p in layer_params], head_vd))
+
+
+def decode_logits(mdl, h_btd, head_vd):
+    """Logits of a decode step: ``mdl.logits`` ("in_out", head None) or the output-major head."""
+    return mdl.logits(h_btd) if head_vd is None else mdl.logits_out_in(h_btd, head_vd)
+
+
 def _generate_impl(params, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, *, sharding=None, **static):
     with sharding_context(*(sharding or (None, ()))):
         return _generate_body(params, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, **static)
 
 
 def _generate_body(params, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, *, cfg, grid, max_new, cache_len,
-                   temperature, top_k, top_p):
+                   temperature, top_k, top_p, decode_layout):
     b, tp = ids_bt.shape
     t = cfg.text
     module = Qwen25VL(cfg)
@@ -79,13 +110,14 @@ def _generate_body(params, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, *, 
         h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)    # [B, 1, D]
         return mdl.logits(h_last)[:, 0], new_cache
 
-    layer_params = text_lib.unstack_layers(params["layers"], t.num_hidden_layers)   # once, outside the loop
+    layer_params, head_vd = decode_weights(cfg, params, decode_layout)      # once, outside the loop
 
     def step(mdl, tok_b, i, caches):
         x = mdl.embed(tok_b[:, None])
         pos = jnp.broadcast_to((next_pos_b + i)[None, :, None], (3, b, 1))
-        h, caches = mdl.decode_step(x, pos, jnp.ones((b, 1), jnp.int32), caches, tp + i, kv_seg_bs, layer_params)
-        return mdl.logits(h)[:, 0], caches
+        h, caches = mdl.decode_step(x, pos, jnp.ones((b, 1), jnp.int32), caches, tp + i, kv_seg_bs, layer_params,
+                                    decode_layout)
+        return decode_logits(mdl, h, head_vd)[:, 0], caches
 
     variables = {"params": params}
     logits0, cache = nn.apply(prefill, module)(variables)
@@ -118,18 +150,19 @@ def _generate_body(params, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, *, 
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=("cfg", "grid", "max_new", "cache_len", "temperature",
-                                                          "top_k", "top_p", "sharding"))
+                                                          "top_k", "top_p", "decode_layout", "sharding"))
 
 
 def generate(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, pixel_values=None,
              image_grid_thw=None, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng=None, eos_token_id=None, *, pad_token_id: int | None = None,
-             bucket: int = 64):
+             bucket: int = 64, decode_layout: str = "auto"):
     """-> (tokens [B, max_new_tokens] int32, logprobs [B, max_new_tokens] float32).
 
     ``temperature=0``: greedy. Sampling needs ``rng`` (a PRNG key). ``eos_token_id``: int or list; ``None`` uses
     the config's EOS ids; ``[]`` disables stopping. After a row's EOS its tokens are ``pad_token_id`` (default:
     config pad id, else the first EOS id, else 0) and its log-probs 0. The loop stops when every row is done.
+    ``decode_layout``: the decode step's weight layout (`resolve_decode_layout`; same results either way).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -151,7 +184,7 @@ def generate(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, 
     cache_len = round_up(tp + max_new_tokens, bucket)
     rng = jax.random.key(0) if rng is None else rng
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    return _generate_jit(params, ids, mask, pv, rng, eos_arr, jnp.int32(pad), cfg=cfg, grid=grid, max_new=int(max_new_tokens),
-                         cache_len=cache_len, temperature=float(temperature),
+    return _generate_jit(params, ids, mask, pv, rng, eos_arr, jnp.int32(pad), cfg=cfg, grid=grid,
+                         max_new=int(max_new_tokens), cache_len=cache_len, temperature=float(temperature),
                          top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
-                         sharding=sharding_of(params))
+                         decode_layout=resolve_decode_layout(decode_layout), sharding=sharding_of(params))

@@ -57,15 +57,24 @@ class Qwen25VL(nn.Module):
         x_btd, (new_cache, hidden) = self.layers(x_btd, cache, cos, sin, segment_ids, cache_index, kv_segment_ids)
         return self.norm(x_btd), new_cache, hidden
 
-    def decode_step(self, x_btd, position_ids, segment_ids, caches, cache_index, kv_segment_ids, layer_params):
-        """``decode`` for a KV-cache decode step: layers unrolled on ``layer_params`` (``text.unstack_layers``),
-        per-layer caches [B, Hkv, S, hd] (``text.stack_cache_to_step``). -> (hidden [B,T,D] normed, new caches)."""
+    def decode_step(self, x_btd, position_ids, segment_ids, caches, cache_index, kv_segment_ids, layer_params,
+                    kernel_layout: str = "in_out"):
+        """``decode`` for a KV-cache decode step: layers unrolled on ``layer_params`` (``text.unstack_layers``, each
+        through ``text.to_out_in`` for ``kernel_layout="out_in"``), per-layer caches [B, Hkv, S, hd]
+        (``text.stack_cache_to_step``). -> (hidden [B,T,D] normed, new caches)."""
         t = self.cfg.text
         x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x_btd.dtype)
         x_btd, caches = decode_layers_unrolled(t, layer_params, x_btd, caches, cos, sin, segment_ids, cache_index,
-                                               kv_segment_ids)
+                                               kv_segment_ids, kernel_layout)
         return self.norm(x_btd), caches
+
+    def logits_out_in(self, h_btd, head_vd):
+        """``logits`` with the LM head given output-major, ``head_vd`` [vocab, D] (the tied embedding itself, or
+        ``lm_head`` kernel transposed), as the left operand of the dot (see ``common.DenseOutIn``)."""
+        out_vbt = jax.lax.dot_general(head_vd.astype(h_btd.dtype), h_btd, (((1,), (2,)), ((), ())))
+        out = jnp.transpose(out_vbt, (1, 2, 0))
+        return constrain(out.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
 
     def logits(self, h_btd):
         if self.cfg.tie_word_embeddings:

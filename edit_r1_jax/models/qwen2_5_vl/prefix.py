@@ -29,7 +29,8 @@ from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
 from edit_r1_jax.models.qwen2_5_vl import text as text_lib
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from edit_r1_jax.models.qwen2_5_vl.generate import _select, round_up
+from edit_r1_jax.models.qwen2_5_vl.generate import (_select, decode_logits, decode_weights,
+                                                     resolve_decode_layout, round_up)
 from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _check_image_tokens, _grid_key, embed_inputs, sharding_of
 
 
@@ -66,14 +67,15 @@ def _body(params, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt, suf_mask_
         h_last = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)      # [B, 1, D]
         return mdl.logits(h_last)[:, 0], cache
 
-    layer_params = text_lib.unstack_layers(params["layers"], t.num_hidden_layers)   # once, outside the loop
+    decode_layout = resolve_decode_layout("auto")
+    layer_params, head_vd = decode_weights(cfg, params, decode_layout)      # once, outside the loop
 
     def step(mdl, tok_b, i, caches):
         x = mdl.embed(tok_b[:, None])
         pos = jnp.broadcast_to((next_pos_b + i)[None, :, None], (3, b, 1))
         h, caches = mdl.decode_step(x, pos, jnp.ones((b, 1), jnp.int32), caches, tp + ts + i, kv_seg_bs,
-                                    layer_params)
-        return mdl.logits(h)[:, 0], caches
+                                    layer_params, decode_layout)
+        return decode_logits(mdl, h, head_vd)[:, 0], caches
 
     variables = {"params": params}
     cache_p = nn.apply(prefill_prefix, module)(variables)                        # 2 x [L, P, Tp, Hkv, hd]

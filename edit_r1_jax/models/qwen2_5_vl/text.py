@@ -13,9 +13,13 @@ Two cache layouts: the scanned stack (prefill) holds ``[L, B, S, Hkv, hd]`` per 
 (``decode_layers_unrolled``) runs the layers as a Python loop on per-layer weights and per-layer caches
 ``[B, Hkv, S, hd]`` ("bhsd"). Inside a ``while_loop`` the scan's dynamic slicing of the stacked weights and caches
 copies every layer's weights (and its cache, plus a transposed copy for the attention matmuls) on every token; the
-unrolled form reads weights and caches in place and updates each cache in place (one token's slot).
+unrolled form reads weights and caches in place and updates each cache in place (one token's slot). On CPU the
+decode step also takes its projection kernels output-major (``to_out_in``, ``common.DenseOutIn``): for the step's
+few rows the weight read is the cost, and XLA:CPU's GEMM streams a left-operand [out, in] weight faster.
 """
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from edit_r1_jax.models import layer_layout, layers
-from edit_r1_jax.models.qwen2_5_vl.common import RMSNorm, constrain, dense
+from edit_r1_jax.models.qwen2_5_vl.common import RMSNorm, constrain, dense_in_layout
 from edit_r1_jax.models.qwen2_5_vl.config import TextConfig
 
 _cp = jax.checkpoint_policies
@@ -66,11 +70,13 @@ class Attention(nn.Module):
     cfg: TextConfig
     backend: str = "xla"
     cache_layout: str = "bshd"      # "bshd": cache [B,S,Hkv,hd] (scanned stack); "bhsd": [B,Hkv,S,hd] (decode step)
+    kernel_layout: str = "in_out"   # "out_in": kernels stored output-major (`to_out_in`; the CPU decode step)
 
     @nn.compact
     def __call__(self, x_btd, cos, sin, segment_ids, cache=None, cache_index=None, kv_segment_ids=None):
         c = self.cfg
         hd = c.head_dim
+        dense = functools.partial(dense_in_layout, self.kernel_layout)
         q_bthd = dense((c.num_attention_heads, hd), ("embed", "heads", "head_dim"), use_bias=True, name="q_proj")(x_btd)
         k_bthd = dense((c.num_key_value_heads, hd), ("embed", "kv_heads", "head_dim"), use_bias=True,
                        name="k_proj")(x_btd)
@@ -107,10 +113,12 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     cfg: TextConfig
+    kernel_layout: str = "in_out"
 
     @nn.compact
     def __call__(self, x):
         c = self.cfg
+        dense = functools.partial(dense_in_layout, self.kernel_layout)
         g = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj")(x)
         u = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj")(x)
         h = constrain(jax.nn.silu(g) * u, ("activation_batch", "activation_length", "activation_mlp"))
@@ -123,15 +131,16 @@ class DecoderLayer(nn.Module):
     backend: str = "xla"
     collect_hidden: bool = False
     cache_layout: str = "bshd"
+    kernel_layout: str = "in_out"
 
     @nn.compact
     def __call__(self, x_btd, cache, cos, sin, segment_ids, cache_index, kv_segment_ids):
         c = self.cfg
-        h, new_cache = Attention(c, self.backend, self.cache_layout, name="self_attn")(
+        h, new_cache = Attention(c, self.backend, self.cache_layout, self.kernel_layout, name="self_attn")(
             RMSNorm(c.rms_norm_eps, name="input_layernorm")(x_btd), cos, sin, segment_ids, cache, cache_index,
             kv_segment_ids)
         x_btd = x_btd + checkpoint_name(h, "attn_out")
-        m = MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x_btd))
+        m = MLP(c, self.kernel_layout, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x_btd))
         x_btd = x_btd + checkpoint_name(m, "mlp_out")
         x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
         return x_btd, (new_cache, x_btd if self.collect_hidden else None)
@@ -162,14 +171,36 @@ def stack_cache_to_step(cache) -> tuple:
     return tuple((ck[i].transpose(0, 2, 1, 3), cv[i].transpose(0, 2, 1, 3)) for i in range(ck.shape[0]))
 
 
+# per module: how many leading kernel axes are inputs (o_proj contracts heads and head_dim)
+_KERNEL_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
+                      "down_proj": 1}
+
+
+def to_out_in(layer_tree: dict) -> dict:
+    """One layer's params with every projection kernel [in..., out...] replaced by ``kernel_t`` [out..., in...]
+    (`common.DenseOutIn`); norms and biases unchanged."""
+    def convert(tree):
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict) and k in _KERNEL_INPUT_AXES and "kernel" in v:
+                n_in, kern = _KERNEL_INPUT_AXES[k], v["kernel"]
+                perm = tuple(range(n_in, kern.ndim)) + tuple(range(n_in))
+                out[k] = {**{n: a for n, a in v.items() if n != "kernel"}, "kernel_t": jnp.transpose(kern, perm)}
+            else:
+                out[k] = convert(v) if isinstance(v, dict) else v
+        return out
+    return convert(layer_tree)
+
+
 def decode_layers_unrolled(cfg: TextConfig, layer_params: list, x_btd, caches, cos, sin, segment_ids, cache_index,
-                           kv_segment_ids):
+                           kv_segment_ids, kernel_layout: str = "in_out"):
     """The decoder stack as a Python loop over layers for KV-cache decoding (same math as the scanned stack).
 
-    layer_params: ``unstack_layers(params['layers'])`` (hoist it out of the decode loop); caches: per-layer
-    (K, V) [B, Hkv, S, hd] (``stack_cache_to_step``). -> (x [B,T,D] before the final norm, new caches).
+    layer_params: ``unstack_layers(params['layers'])`` (hoist it out of the decode loop), each through `to_out_in`
+    when ``kernel_layout="out_in"``; caches: per-layer (K, V) [B, Hkv, S, hd] (``stack_cache_to_step``).
+    -> (x [B,T,D] before the final norm, new caches).
     """
-    layer = DecoderLayer(cfg, "xla", False, "bhsd", parent=None)
+    layer = DecoderLayer(cfg, "xla", False, "bhsd", kernel_layout, parent=None)
     new = []
     for p, cache in zip(layer_params, caches):
         x_btd, (cache, _) = layer.apply({"params": p}, x_btd, cache, cos, sin, segment_ids, cache_index,
