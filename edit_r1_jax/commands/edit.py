@@ -5,7 +5,9 @@
 The output size defaults to the reference image's size (after Kontext's preferred-resolution choice unless
 --no-auto-resize), re-fitted to --max-area like diffusers; pass --height/--width to choose it. Guidance is the
 distilled guidance embedding (no classifier-free guidance). --lora DIR applies adapters saved by
-`models.lora.save_lora`. The mesh comes from --config (default: every device on the fsdp axis).
+`models.lora.save_lora` or diffusers' LoRA file; --transformer FILE uses another transformer (e.g. Black Forest
+Labs' single-file checkpoint) with the pipeline folder's VAE and text encoders. The mesh comes from --config
+(default: every device on the fsdp axis).
 """
 from __future__ import annotations
 
