@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, read_header, write_safetensors
+from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
 
 LORA_LEAVES = ("lora_a", "lora_b")
 
@@ -199,12 +199,10 @@ def load_lora(path: str, dtype=None) -> tuple[dict, LoraConfig]:
     fpath = os.path.join(path, "adapter_model.safetensors") if os.path.isdir(path) else path
     if not os.path.isfile(fpath):
         raise CheckpointError(f"{path}: no LoRA adapter file (expected adapter_model.safetensors)")
-    header, _ = read_header(fpath)
-    meta = header.get("__metadata__", {})
-    if "lora_config" not in meta:
-        raise CheckpointError(f"{fpath}: not a LoRA adapter file written by save_lora (no lora_config metadata)")
-    cfg = LoraConfig(**json.loads(meta["lora_config"]))
     reader = SafetensorsReader(fpath)
+    if "lora_config" not in reader.metadata:
+        raise CheckpointError(f"{fpath}: not a LoRA adapter file written by save_lora (no lora_config metadata)")
+    cfg = LoraConfig(**json.loads(reader.metadata["lora_config"]))
     lora: dict = {}
     for name in reader.keys():
         parts = tuple(name.split("/"))

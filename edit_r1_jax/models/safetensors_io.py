@@ -65,12 +65,14 @@ class SafetensorsReader:
         else:
             files = [path]
         self._entries: dict[str, tuple[str, int, dict]] = {}
+        self.metadata: dict[str, str] = {}      # the files' "__metadata__" (string -> string), merged
         for fpath in files:
             if not os.path.exists(fpath):
                 raise CheckpointError(f"{fpath}: listed in the index but missing")
             header, base = read_header(fpath)
             for name, info in header.items():
                 if name == "__metadata__":
+                    self.metadata.update(info)
                     continue
                 self._entries[name] = (fpath, base, info)
 

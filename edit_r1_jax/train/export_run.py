@@ -155,9 +155,8 @@ def export_editor(config: Any, params: Any, kind: str, run_dir: str, out_dir: st
             lcfg = lora_lib.LoraConfig(rank=rank, alpha=float(g.get("lora_alpha", 0.0)) or float(rank),
                                        targets=g.get("lora_targets", "") or lora_lib.FLUX_ATTN_FF_TARGETS)
             host = jax.tree.map(np.asarray, params)
-            lora_lib.save_lora(host, lcfg, os.path.join(out_dir, "lora"))
             from edit_r1_jax.models.flux import lora_diffusers
-            lora_diffusers.save_diffusers_lora(setup.tcfg, host, lcfg, os.path.join(out_dir, "lora"))
+            lora_diffusers.save_adapters(setup.tcfg, host, lcfg, os.path.join(out_dir, "lora"))
             params = lora_lib.apply_lora(setup.transformer_params(), host, lcfg.scale)
         check_shapes(setup.param_shapes(), params, "FLUX transformer")
         setup.save(jax.tree.map(np.asarray, params), out_dir)

@@ -606,9 +606,7 @@ class GRPOTrainer:
         """The trained editor: LoRA adapters (``lora/``) next to the base editor, or the full transformer."""
         params = jax.tree.map(ro.to_host, self.policy_params(state))
         if self.lora_cfg is not None:
-            lora_lib.save_lora(params, self.lora_cfg, os.path.join(out_dir, "lora"))
-            # the same adapters as diffusers' LoRA file: `FluxKontextPipeline.load_lora_weights(out_dir + "/lora")`
-            lora_diffusers.save_diffusers_lora(self.setup.tcfg, params, self.lora_cfg, os.path.join(out_dir, "lora"))
+            lora_diffusers.save_adapters(self.setup.tcfg, params, self.lora_cfg, os.path.join(out_dir, "lora"))
             self.setup.save(self.frozen["base"], out_dir)
         else:
             self.setup.save(params, out_dir)

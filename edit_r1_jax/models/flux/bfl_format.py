@@ -175,14 +175,25 @@ def config_from_bfl(reader: BflReader, axes_dims_rope=None) -> dict:
     return cfg
 
 
+def _bfl_names(state_names) -> list[str]:
+    """Every BFL tensor name a transformer with the blocks present in ``state_names`` (diffusers names) can have."""
+    blocks = {kind: {m.group(1) for n in state_names if (m := re.match(rf"^{dkind}\.(\d+)\.", n))}
+              for kind, dkind in _DIFFUSERS_BLOCK.items()}
+    stems = list(_EMBED) + [_SWAPPED]
+    for kind, table in (("double_blocks", _DOUBLE), ("single_blocks", _SINGLE)):
+        rests = list(table) + [f[len(kind) + 5:] for f in _FUSED if f.startswith(kind)]   # drop "{kind}.{i}."
+        stems += [f"{kind}.{i}.{rest}" for i in sorted(blocks[kind]) for rest in rests]
+    return [f"{stem}.{suf}" for stem in stems
+            for suf in (("scale",) if stem.endswith("_norm") else ("weight", "bias"))]
+
+
 def to_bfl_state_dict(state: Mapping[str, np.ndarray], inner_dim: int) -> dict[str, np.ndarray]:
     """A diffusers-named FLUX transformer state dict -> BFL names (fused tensors concatenated, the final
-    modulation's halves swapped back). Raises naming any diffusers tensor the BFL layout has no place for."""
-    bfl_names = set()
-    for name in state:                           # the BFL names this state needs
-        stem, suffix = _split_suffix(name)
-        bfl_names.add(_bfl_name(stem, suffix))
-    plan, _ = _plan(sorted(bfl_names - {None}), inner_dim)
+    modulation's halves swapped back): the inverse of `BflReader`'s plan. Raises naming any diffusers tensor the BFL
+    layout has no place for, and any missing piece of a fused BFL tensor."""
+    plan, _ = _plan(_bfl_names(state), inner_dim)
+    touched = {bname for dname, (bname, _, _) in plan.items() if dname in state}
+    plan = {dname: p for dname, p in plan.items() if p[0] in touched}      # every piece of each BFL tensor used
     unplaced, lacking = sorted(set(state) - set(plan)), sorted(set(plan) - set(state))
     if unplaced or lacking:
         raise CheckpointError(f"to_bfl_state_dict: no BFL tensor for {unplaced[:20]}; the fused BFL tensors also "
@@ -198,26 +209,3 @@ def to_bfl_state_dict(state: Mapping[str, np.ndarray], inner_dim: int) -> dict[s
     for bname, pieces in parts.items():
         out[bname] = np.concatenate([a for _, a in sorted(pieces, key=lambda p: p[0])], axis=0)
     return out
-
-
-def _bfl_name(stem: str, suffix: str) -> str | None:
-    """Inverse of the renaming for one diffusers tensor (``suffix`` weight/bias) -> its BFL tensor name."""
-    for bfl, ours in _EMBED.items():
-        if stem == ours:
-            return f"{bfl}.{suffix}"
-    if stem == "norm_out.linear":
-        return f"{_SWAPPED}.{suffix}"
-    m = re.match(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", stem)
-    if not m:
-        return None
-    block, i, rest = m.groups()
-    kind = "double_blocks" if block == "transformer_blocks" else "single_blocks"
-    for fused, targets in _FUSED.items():
-        if fused.startswith(kind) and rest in targets:
-            return fused.format(i=i) + f".{suffix}"
-    table = _DOUBLE if kind == "double_blocks" else _SINGLE
-    for bfl, ours in table.items():
-        if rest == ours:
-            is_norm = bfl.endswith("_norm")
-            return f"{kind}.{i}.{bfl}.{'scale' if is_norm else suffix}"
-    return None

@@ -24,8 +24,8 @@ from edit_r1_jax.models.flux.config import FluxTransformerConfig
 from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, check_tensors, write_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
-_STACKED = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
-STACKED_BLOCKS = _STACKED      # block key -> the config field with its depth
+# block key -> the config field with its depth
+STACKED_BLOCKS = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
 _FOLD = (("to_out.0", "to_out_0"), ("net.0.proj", "net_0_proj"), ("net.2", "net_2"))
 
 
@@ -61,7 +61,7 @@ def _leaf_plan(cfg: FluxTransformerConfig) -> list[tuple[tuple, tuple, list[tupl
     shapes = tr.param_shapes(cfg.replace(scan_layers=True))
     plan = []
     for path, sds in _flatten(shapes):
-        n_key = _STACKED.get(path[0])
+        n_key = STACKED_BLOCKS.get(path[0])
         if n_key:
             names = [_torch_name(path, i) for i in range(getattr(cfg, n_key))]
         else:
@@ -80,7 +80,7 @@ def expected_tensors(cfg: FluxTransformerConfig) -> dict[str, tuple[int, ...]]:
     out = {}
     for path, shape, names in _leaf_plan(cfg):
         for name, kind in names:
-            out[name] = _torch_shape(shape, kind, len(names) > 1 or path[0] in _STACKED)
+            out[name] = _torch_shape(shape, kind, len(names) > 1 or path[0] in STACKED_BLOCKS)
     return out
 
 
@@ -91,7 +91,7 @@ def kernel_modules(cfg: FluxTransformerConfig) -> dict[str, tuple[tuple, int | N
     for path, shape, names in _leaf_plan(cfg):
         if path[-1] != "kernel":
             continue
-        stacked = path[0] in _STACKED
+        stacked = path[0] in STACKED_BLOCKS
         for i, (name, _) in enumerate(names):
             out[name[:-len(".weight")]] = (path[:-1], i if stacked else None, tuple(shape[-2:]))
     return out
@@ -141,8 +141,8 @@ def load_transformer(path: str, dtype=jnp.float32, mesh=None, rules=None, **cfg_
 
     for leaf_path, _, names in _leaf_plan(cfg):
         parts = [reader.get(name).T if kind == "kernel" else reader.get(name) for name, kind in names]
-        host = _to_dtype(np.stack(parts) if leaf_path[0] in _STACKED else parts[0], dtype)
-        if leaf_path[0] in _STACKED and not cfg.scan_layers:   # per-layer inference layout
+        host = _to_dtype(np.stack(parts) if leaf_path[0] in STACKED_BLOCKS else parts[0], dtype)
+        if leaf_path[0] in STACKED_BLOCKS and not cfg.scan_layers:   # per-layer inference layout
             for i in range(host.shape[0]):
                 path_i = (leaf_path[0], layer_layout.layer_name(i)) + leaf_path[1:]
                 _set(params, path_i, place(path_i, host[i]))
@@ -178,7 +178,7 @@ def to_diffusers_state_dict(cfg: FluxTransformerConfig, params: dict, dtype=None
         if dtype is not None:
             arr = arr.astype(jnp.dtype(dtype))
         names = plan[path]
-        stacked = path[0] in _STACKED
+        stacked = path[0] in STACKED_BLOCKS
         for i, (name, kind) in enumerate(names):
             a = arr[i] if stacked else arr
             out[name] = np.ascontiguousarray(a.T if kind == "kernel" else a)

@@ -30,7 +30,7 @@ from edit_r1_jax.models import lora as lora_lib
 from edit_r1_jax.models.flux import convert
 from edit_r1_jax.models.flux.config import FluxTransformerConfig
 from edit_r1_jax.models.flux.transformer import BLOCK_KEYS
-from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, read_header, write_safetensors
+from edit_r1_jax.models.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,13 @@ def save_diffusers_lora(tcfg: FluxTransformerConfig, lora: dict, lcfg: lora_lib.
     if jax.process_index() == 0:
         write_safetensors(tensors, out_dir, basename=base, metadata=meta)
     return os.path.join(out_dir, weight_name)
+
+
+def save_adapters(tcfg: FluxTransformerConfig, lora: dict, lcfg: lora_lib.LoraConfig, out_dir: str) -> None:
+    """An export's adapters in both formats, side by side: ours (``adapter_model.safetensors``, `lora.save_lora`)
+    and diffusers' (``pytorch_lora_weights.safetensors``: ``FluxKontextPipeline.load_lora_weights(out_dir)``)."""
+    lora_lib.save_lora(lora, lcfg, out_dir)
+    save_diffusers_lora(tcfg, lora, lcfg, out_dir)
 
 
 def _peft_config(meta: dict, source: str) -> dict:
@@ -194,10 +201,9 @@ def load_diffusers_lora(path: str, tcfg: FluxTransformerConfig, dtype=jnp.float3
     fpath = os.path.join(path, weight_name) if os.path.isdir(path) else path
     if not os.path.isfile(fpath):
         raise CheckpointError(f"{path}: no LoRA file (expected {weight_name}; pickled .bin files are not read)")
-    header, _ = read_header(fpath)
     reader = SafetensorsReader(fpath)
     tensors = {k: reader.get(k) for k in reader.keys()}
-    return from_diffusers_lora(tcfg, tensors, header.get("__metadata__", {}), fpath, dtype)
+    return from_diffusers_lora(tcfg, tensors, reader.metadata, fpath, dtype)
 
 
 def load_any_lora(path: str, tcfg: FluxTransformerConfig, dtype=jnp.float32) -> tuple[dict, lora_lib.LoraConfig]:
@@ -212,7 +218,6 @@ def load_any_lora(path: str, tcfg: FluxTransformerConfig, dtype=jnp.float32) -> 
         raise CheckpointError(f"{path}: holds neither adapter_model.safetensors (ours) nor {WEIGHT_NAME} (diffusers)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such LoRA file or directory")
-    meta = read_header(path)[0].get("__metadata__", {})
-    if "lora_config" in meta:
+    if "lora_config" in SafetensorsReader(path).metadata:      # ours (save_lora) or diffusers'?
         return lora_lib.load_lora(path, dtype=dtype)
     return load_diffusers_lora(path, tcfg, dtype)

@@ -29,6 +29,10 @@ from edit_r1_jax.models.qwen2_5_vl.vision import VisionTower, meta_arrays
 from edit_r1_jax.models.qwen2_5_vl.vision_meta import vision_meta
 
 
+def _float_logits(out_btv):
+    return constrain(out_btv.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+
+
 class Qwen25VL(nn.Module):
     cfg: Qwen25VLConfig
     collect_hidden: bool = False
@@ -73,15 +77,12 @@ class Qwen25VL(nn.Module):
         """``logits`` with the LM head given output-major, ``head_vd`` [vocab, D] (the tied embedding itself, or
         ``lm_head`` kernel transposed), as the left operand of the dot (see ``common.DenseOutIn``)."""
         out_vbt = jax.lax.dot_general(head_vd.astype(h_btd.dtype), h_btd, (((1,), (2,)), ((), ())))
-        out = jnp.transpose(out_vbt, (1, 2, 0))
-        return constrain(out.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        return _float_logits(jnp.transpose(out_vbt, (1, 2, 0)))
 
     def logits(self, h_btd):
         if self.cfg.tie_word_embeddings:
-            out = self.embed_tokens.attend(h_btd)
-        else:
-            out = self.lm_head(h_btd)
-        return constrain(out.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+            return _float_logits(self.embed_tokens.attend(h_btd))
+        return _float_logits(self.lm_head(h_btd))
 
     def __call__(self, input_ids, pixel_values, meta):   # used by init only: touches every parameter
         feats = self.encode_images(pixel_values, meta)
