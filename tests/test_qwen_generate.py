@@ -130,16 +130,31 @@ def test_decode_weight_layouts_agree(tmp_path, tie, highest_precision):
     assert gen_lib.resolve_decode_layout("auto") == "out_in"          # tests run on CPU
     with pytest.raises(ValueError, match="decode_layout"):
         q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2, decode_layout="rows")
+    # weights prepared once and held by the caller give the same tokens and log-probs, in either layout
+    for lay in ("in_out", "out_in"):
+        dw = q.prepare_decode(cfg, params, lay)
+        assert dw.layout == lay and len(dw.layers) == cfg.text.num_hidden_layers
+        held = q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=16, eos_token_id=[], decode_weights=dw)
+        np.testing.assert_array_equal(np.asarray(held[0]), np.asarray(outs[lay][0]))
+        np.testing.assert_allclose(np.asarray(held[1]), np.asarray(outs[lay][1]), atol=1e-6, rtol=0)
+    assert dw.head_vd.shape == (cfg.text.vocab_size, cfg.text.hidden_size)
+    with pytest.raises(ValueError, match="prepared for 'out_in'"):
+        q.generate(cfg, params, ids, mask, max_new_tokens=2, decode_layout="in_out", decode_weights=dw)
+    with pytest.raises(ValueError, match="hold 1 layers"):
+        q.generate(cfg, params, ids, mask, max_new_tokens=2, decode_weights=dw.replace(layers=dw.layers[:1]))
 
 
-def test_dense_out_in_equals_dense():
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_dense_out_in_equals_dense(tokens):
     """common.DenseOutIn on kernel_t == nn.DenseGeneral on the kernel, for q_proj-like ([D] -> [H, hd], bias) and
-    o_proj-like ([H, hd] -> [D], axis=(-2, -1)) projections (text.to_out_in does the transposes)."""
+    o_proj-like ([H, hd] -> [D], axis=(-2, -1)) projections (text.to_out_in does the transposes), in both of its
+    forms: 6 rows (the weight as the dot's left operand) and 80 rows (x on the left, the prefill's GEMM)."""
     import jax.numpy as jnp
     from edit_r1_jax.models.qwen2_5_vl import common, text
+    assert (2 * tokens > common.OUT_IN_MAX_LEFT_WEIGHT_ROWS) == (tokens == 40)
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
-    xh = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, tokens, 8)), jnp.float32)
+    xh = jnp.asarray(rng.standard_normal((2, tokens, 4, 5)), jnp.float32)
     tree = {"q_proj": {"kernel": jnp.asarray(rng.standard_normal((8, 4, 5)), jnp.float32),
                        "bias": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)},
             "o_proj": {"kernel": jnp.asarray(rng.standard_normal((4, 5, 8)), jnp.float32)}}

@@ -57,6 +57,10 @@ def test_greedy_scoring_deterministic_and_order_preserving(model, recs, highest_
     assert [r.trace for r in shuffled] == [traces[i] for i in perm]
     for a, i in zip(shuffled, perm):
         assert (a.score == res[i].score) or (math.isnan(a.score) and math.isnan(res[i].score))
+    held = model.decode_weights()                          # CPU: prepared at the first batch, reused after
+    assert held is not None and model.decode_weights() is held
+    model.params = model.params                            # new params (GRPO's onload, a checkpoint) drop them
+    assert model.decode_weights() is not held
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def attention_mask_from_segments(q_segment_ids: jax.Array | None, kv_segment_ids
     return mask
 
 
-KV_LAYOUTS = ("bshd", "bhsd")   # key/value axis orders
+KV_LAYOUTS = ("bshd", "bhsd", "bhsd_kt")   # key/value axis orders ("bhsd_kt": keys [B,Hkv,D,S], values [B,Hkv,S,D])
 
 
 def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *, mask: jax.Array | None = None,
@@ -76,9 +76,11 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
                           kv_layout: str = "bshd") -> jax.Array:
     """softmax(q k^T * scale + bias, masked) v with grouped-query heads (H_q a multiple of H_kv).
 
-    q [B,T,Hq,D], k/v [B,S,Hkv,D] (``kv_layout="bshd"``) or [B,Hkv,S,D] (``"bhsd"``: the KV-cache decode layout,
-    whose per-head [S,D] blocks feed the matmuls without a transpose copy), mask bool broadcastable to [B,Hq,T,S],
-    bias float broadcastable likewise. Rows with no visible key produce zeros (not NaN).
+    q [B,T,Hq,D], k/v [B,S,Hkv,D] (``kv_layout="bshd"``), [B,Hkv,S,D] (``"bhsd"``: per-head [S,D] blocks feed the
+    matmuls without a transpose copy) or keys [B,Hkv,D,S] with values [B,Hkv,S,D] (``"bhsd_kt"``: the KV-cache decode
+    layout; q k^T is then a plain [rep*T, D] x [D, S] product, which XLA:CPU's library GEMM runs faster than the
+    transposed-operand form for a decode step's few query rows), mask bool broadcastable to [B,Hq,T,S], bias float
+    broadcastable likewise. Rows with no visible key produce zeros (not NaN).
     """
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"attention: kv_layout={kv_layout!r}, expected one of {sorted(KV_LAYOUTS)}")
@@ -93,9 +95,12 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
     # outputs and copy the [T,S] logits twice per call (2.1x slower at 576 tokens, measured in session 4).
     # Query heads of one KV group are folded into the query length (GQA): plain [B, Hkv, rep*T, D] batched dots.
     q_bkmd = q_bthd.reshape(b, t, hkv, rep, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rep * t, d)
-    k_bksd = k_bshd.transpose(0, 2, 1, 3) if kv_layout == "bshd" else k_bshd
     v_bksd = v_bshd.transpose(0, 2, 1, 3) if kv_layout == "bshd" else v_bshd
-    logits_bkms = jnp.einsum("bkmd,bksd->bkms", q_bkmd, k_bksd, preferred_element_type=jnp.float32) * scale
+    if kv_layout == "bhsd_kt":
+        logits_bkms = jnp.einsum("bkmd,bkds->bkms", q_bkmd, k_bshd, preferred_element_type=jnp.float32) * scale
+    else:
+        k_bksd = k_bshd.transpose(0, 2, 1, 3) if kv_layout == "bshd" else k_bshd
+        logits_bkms = jnp.einsum("bkmd,bksd->bkms", q_bkmd, k_bksd, preferred_element_type=jnp.float32) * scale
     logits = logits_bkms.reshape(b, hq, t, -1)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -117,9 +122,10 @@ def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *, causal
               kv_layout: str = "bshd") -> jax.Array:
     """The one attention entry point used by every model. See the module docstring for masks and backends.
 
-    ``kv_layout``: "bshd" (k/v [B,S,Hkv,D], default) or "bhsd" ([B,Hkv,S,D], KV-cache decoding; "xla" only)."""
+    ``kv_layout``: "bshd" (k/v [B,S,Hkv,D], default), "bhsd" ([B,Hkv,S,D]) or "bhsd_kt" (keys [B,Hkv,D,S], values
+    [B,Hkv,S,D]; KV-cache decoding); the last two with the "xla" backend only."""
     if backend == "xla":
-        s = k_bshd.shape[1 if kv_layout == "bshd" else 2]
+        s = v_bshd.shape[1 if kv_layout == "bshd" else 2]
         mask = attention_mask_from_segments(q_segment_ids, kv_segment_ids, causal, q_positions, kv_positions,
                                             q_bthd.shape[1], s)
         return dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask, bias=bias, scale=scale, kv_layout=kv_layout)

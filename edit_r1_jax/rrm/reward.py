@@ -215,6 +215,26 @@ class RewardModel:
         self.params = params
         self._digit_ids = None
 
+    @property
+    def params(self) -> dict:
+        return self._params
+
+    @params.setter
+    def params(self, params: dict):
+        """New parameters (a checkpoint, GRPO's offload/onload) drop the decode weights held for the old ones."""
+        self._params = params
+        self._held_decode = None
+
+    def decode_weights(self):
+        """`qwen2_5_vl.prepare_decode` of ``params``, made at the first generation and held across batches, on CPU
+        only (there it saves every call's kernel transposes; on accelerators it would only copy the weights)."""
+        from edit_r1_jax.models.qwen2_5_vl.generate import resolve_decode_layout
+        if resolve_decode_layout("auto") != "out_in":
+            return None
+        if self._held_decode is None:
+            self._held_decode = qwen.prepare_decode(self.cfg, self.params)
+        return self._held_decode
+
     @classmethod
     def from_dir(cls, path: str, mesh=None, dtype=jnp.float32, compact: bool | None = None, **kw) -> "RewardModel":
         """Load an exported RRM directory (config.json + safetensors + tokenizer + preprocessor_config.json, as
@@ -291,7 +311,7 @@ class RewardModel:
                                 self._place(b["pixel_values"]), b["image_grid_thw"],
                                 max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=temperature,
                                 rng=rng, eos_token_id=self.inputs.eos_id, pad_token_id=self.inputs.pad_id,
-                                bucket=self.bucket)
+                                bucket=self.bucket, decode_weights=self.decode_weights())
         return _to_host(toks)[: len(examples)]
 
     def generate_tokens_shared(self, examples: Sequence[dict], keys: Sequence[str], num_prefixes: int, *,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -45,11 +46,18 @@ def dense(features, axes: Sequence[str | None], *, use_bias: bool, name: str, ax
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, tuple(bias_axes)))
 
 
+# Above this many rows (product of x's non-contracted dims) `DenseOutIn` multiplies x on the left (a prefill's GEMM);
+# at or below it, the weight (a decode step's few rows, where reading the weight is the cost).
+OUT_IN_MAX_LEFT_WEIGHT_ROWS = 64
+
+
 class DenseOutIn(nn.Module):
-    """``dense`` with the kernel stored output-major, ``kernel_t`` [out..., in...] (the torch ``nn.Linear`` order),
-    computing ``y = dot_general(kernel_t, x)`` with the weight as the left operand. Same result as ``dense`` on
-    ``kernel = kernel_t`` transposed; used by the small-batch decode step on CPU, where XLA's library GEMM streams a
-    left-operand [out, in] weight about twice as fast as a right-operand [in, out] one (memory-bound, 8 rows).
+    """``dense`` with the kernel stored output-major, ``kernel_t`` [out..., in...] (the torch ``nn.Linear`` order).
+    Same result as ``dense`` on ``kernel = kernel_t`` transposed; used by generation on CPU. For a decode step's few
+    rows (<= ``OUT_IN_MAX_LEFT_WEIGHT_ROWS``) it computes ``dot_general(kernel_t, x)`` with the weight as the left
+    operand: XLA's library GEMM streams a left-operand [out, in] weight about twice as fast as a right-operand
+    [in, out] one (memory-bound, 8 rows). For more rows (the prefill) it computes ``x kernel_t^T`` (torch's
+    ``F.linear`` form), which needs no transposed copy of the activations.
     Never initialised: its params come from `text.to_out_in`."""
     features: int | tuple[int, ...]
     axis: int | tuple[int, ...] = -1
@@ -61,10 +69,17 @@ class DenseOutIn(nn.Module):
         axes = tuple(a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
         in_shape = tuple(x.shape[a] for a in axes)
         kernel_t = self.param("kernel_t", nn.initializers.zeros, feats + in_shape, x.dtype)
-        n_out = len(feats)
-        y = jax.lax.dot_general(kernel_t.astype(x.dtype), x,
-                                ((tuple(range(n_out, n_out + len(axes))), axes), ((), ())))   # [out..., batch...]
-        y = jnp.moveaxis(y, tuple(range(n_out)), tuple(range(y.ndim - n_out, y.ndim)))           # [batch..., out...]
+        n_in = len(axes)
+        if axes != tuple(range(x.ndim - n_in, x.ndim)):
+            raise ValueError(f"DenseOutIn contracts trailing axes only, got axis={self.axis} for x {x.shape}")
+        # 2-D operands: with several output or input axes XLA would otherwise copy the kernel into [in, out] order
+        w_oi = kernel_t.astype(x.dtype).reshape(math.prod(feats), math.prod(in_shape))
+        x_ri = x.reshape(-1, w_oi.shape[1])                                                   # [rows, in]
+        if x_ri.shape[0] > OUT_IN_MAX_LEFT_WEIGHT_ROWS:
+            y_ro = jax.lax.dot_general(x_ri, w_oi, (((1,), (1,)), ((), ())))                  # [rows, out]
+        else:
+            y_ro = jax.lax.dot_general(w_oi, x_ri, (((1,), (1,)), ((), ()))).T                # [out, rows] -> T
+        y = y_ro.reshape(x.shape[:x.ndim - n_in] + feats)                                      # [batch..., out...]
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, feats, x.dtype).astype(y.dtype)
         return y

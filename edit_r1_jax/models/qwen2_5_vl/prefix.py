@@ -82,7 +82,7 @@ def _body(params, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt, suf_mask_
     # copy each group's prefix cache to its rows, with room for the suffix and the generated tokens
     cache_b = tuple(jnp.pad(c[:, gidx_b], ((0, 0), (0, 0), (0, cache_len - tp), (0, 0), (0, 0))) for c in cache_p)
     logits0, cache_b = nn.apply(prefill_suffix, module)(variables, cache_b)
-    cache_b = text_lib.stack_cache_to_step(cache_b)                             # per layer (K, V) [B, Hkv, S, hd]
+    cache_b = text_lib.stack_cache_to_step(cache_b)                     # per layer K [B, Hkv, hd, S], V [B, Hkv, S, hd]
     rng, sub = jax.random.split(rng)
     tok0, lp0 = _select(logits0, sub, temperature, top_k, top_p)
     tokens = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok0)

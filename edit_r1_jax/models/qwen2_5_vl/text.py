@@ -10,8 +10,9 @@ cache slice (generation): new keys/values are written at ``cache_index`` and que
 ``<=`` their own slot whose ``kv_segment_ids`` is non-zero.
 
 Two cache layouts: the scanned stack (prefill) holds ``[L, B, S, Hkv, hd]`` per K/V; the single-token decode step
-(``decode_layers_unrolled``) runs the layers as a Python loop on per-layer weights and per-layer caches
-``[B, Hkv, S, hd]`` ("bhsd"). Inside a ``while_loop`` the scan's dynamic slicing of the stacked weights and caches
+(``decode_layers_unrolled``) runs the layers as a Python loop on per-layer weights and per-layer caches, keys
+``[B, Hkv, hd, S]`` and values ``[B, Hkv, S, hd]`` ("bhsd_kt": both attention products are then plain matmuls
+on contiguous blocks, keys already transposed). Inside a ``while_loop`` the scan's dynamic slicing of the stacked weights and caches
 copies every layer's weights (and its cache, plus a transposed copy for the attention matmuls) on every token; the
 unrolled form reads weights and caches in place and updates each cache in place (one token's slot). On CPU the
 decode step also takes its projection kernels output-major (``to_out_in``, ``common.DenseOutIn``): for the step's
@@ -69,7 +70,7 @@ def apply_rotary_activation_dtype(x_bthd, cos_btd, sin_btd):
 class Attention(nn.Module):
     cfg: TextConfig
     backend: str = "xla"
-    cache_layout: str = "bshd"      # "bshd": cache [B,S,Hkv,hd] (scanned stack); "bhsd": [B,Hkv,S,hd] (decode step)
+    cache_layout: str = "bshd"      # "bshd": K/V [B,S,Hkv,hd] (scanned stack); "bhsd_kt": K [B,Hkv,hd,S], V [B,Hkv,S,hd]
     kernel_layout: str = "in_out"   # "out_in": kernels stored output-major (`to_out_in`; the CPU decode step)
 
     @nn.compact
@@ -92,14 +93,16 @@ class Attention(nn.Module):
         else:
             ck_bshd, cv_bshd = cache
             b, t = x_btd.shape[:2]
-            if self.cache_layout == "bhsd":               # ck_bshd / cv_bshd are [B, Hkv, S, hd] here
-                s = ck_bshd.shape[2]
-                k_new, v_new, at = k_bthd.transpose(0, 2, 1, 3), v_bthd.transpose(0, 2, 1, 3), (0, 0, cache_index, 0)
+            if self.cache_layout == "bhsd_kt":            # ck_bshd [B, Hkv, hd, S], cv_bshd [B, Hkv, S, hd] here
+                s = cv_bshd.shape[2]
+                k_new, k_at = k_bthd.transpose(0, 2, 3, 1), (0, 0, 0, cache_index)
+                v_new, v_at = v_bthd.transpose(0, 2, 1, 3), (0, 0, cache_index, 0)
             else:
                 s = ck_bshd.shape[1]
-                k_new, v_new, at = k_bthd, v_bthd, (0, cache_index, 0, 0)
-            ck_bshd = jax.lax.dynamic_update_slice(ck_bshd, k_new.astype(ck_bshd.dtype), at)
-            cv_bshd = jax.lax.dynamic_update_slice(cv_bshd, v_new.astype(cv_bshd.dtype), at)
+                k_new, v_new, k_at = k_bthd, v_bthd, (0, cache_index, 0, 0)
+                v_at = k_at
+            ck_bshd = jax.lax.dynamic_update_slice(ck_bshd, k_new.astype(ck_bshd.dtype), k_at)
+            cv_bshd = jax.lax.dynamic_update_slice(cv_bshd, v_new.astype(cv_bshd.dtype), v_at)
             q_pos = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
             kv_pos = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
             q_seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
@@ -166,9 +169,10 @@ def unstack_layers(stacked: dict, num_layers: int) -> list:
 
 
 def stack_cache_to_step(cache) -> tuple:
-    """Scanned-stack cache (K, V each [L, B, S, Hkv, hd]) -> per-layer ((K, V) each [B, Hkv, S, hd], ...)."""
+    """Scanned-stack cache (K, V each [L, B, S, Hkv, hd]) -> per-layer ((K [B, Hkv, hd, S], V [B, Hkv, S, hd]), ...),
+    the decode step's "bhsd_kt" layout."""
     ck, cv = cache
-    return tuple((ck[i].transpose(0, 2, 1, 3), cv[i].transpose(0, 2, 1, 3)) for i in range(ck.shape[0]))
+    return tuple((ck[i].transpose(0, 2, 3, 1), cv[i].transpose(0, 2, 1, 3)) for i in range(ck.shape[0]))
 
 
 # per module: how many leading kernel axes are inputs (o_proj contracts heads and head_dim)
@@ -197,10 +201,10 @@ def decode_layers_unrolled(cfg: TextConfig, layer_params: list, x_btd, caches, c
     """The decoder stack as a Python loop over layers for KV-cache decoding (same math as the scanned stack).
 
     layer_params: ``unstack_layers(params['layers'])`` (hoist it out of the decode loop), each through `to_out_in`
-    when ``kernel_layout="out_in"``; caches: per-layer (K, V) [B, Hkv, S, hd] (``stack_cache_to_step``).
+    when ``kernel_layout="out_in"``; caches: per-layer (K [B, Hkv, hd, S], V [B, Hkv, S, hd]) (``stack_cache_to_step``).
     -> (x [B,T,D] before the final norm, new caches).
     """
-    layer = DecoderLayer(cfg, "xla", False, "bhsd", kernel_layout, parent=None)
+    layer = DecoderLayer(cfg, "xla", False, "bhsd_kt", kernel_layout, parent=None)
     new = []
     for p, cache in zip(layer_params, caches):
         x_btd, (cache, _) = layer.apply({"params": p}, x_btd, cache, cos, sin, segment_ids, cache_index,
