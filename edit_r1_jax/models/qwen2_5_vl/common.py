@@ -72,14 +72,18 @@ class DenseOutIn(nn.Module):
         n_in = len(axes)
         if axes != tuple(range(x.ndim - n_in, x.ndim)):
             raise ValueError(f"DenseOutIn contracts trailing axes only, got axis={self.axis} for x {x.shape}")
-        # 2-D operands: with several output or input axes XLA would otherwise copy the kernel into [in, out] order
+        # A 2-D kernel [out, in]: with several output or input axes XLA would copy it into [in, out] order for the
+        # x-left product. x keeps its batch axes: a [out, rows] product followed by a 2-D transpose is rewritten by
+        # XLA into the x-left product, which loses the fast weight-left form.
         w_oi = kernel_t.astype(x.dtype).reshape(math.prod(feats), math.prod(in_shape))
-        x_ri = x.reshape(-1, w_oi.shape[1])                                                   # [rows, in]
-        if x_ri.shape[0] > OUT_IN_MAX_LEFT_WEIGHT_ROWS:
-            y_ro = jax.lax.dot_general(x_ri, w_oi, (((1,), (1,)), ((), ())))                  # [rows, out]
+        x_bi = x.reshape(x.shape[:x.ndim - n_in] + (w_oi.shape[1],))                          # [batch..., in]
+        contract = ((x_bi.ndim - 1,), (1,))
+        if math.prod(x_bi.shape[:-1]) > OUT_IN_MAX_LEFT_WEIGHT_ROWS:
+            y = jax.lax.dot_general(x_bi, w_oi, (contract, ((), ())))                         # [batch..., out]
         else:
-            y_ro = jax.lax.dot_general(w_oi, x_ri, (((1,), (1,)), ((), ()))).T                # [out, rows] -> T
-        y = y_ro.reshape(x.shape[:x.ndim - n_in] + feats)                                      # [batch..., out...]
+            y = jax.lax.dot_general(w_oi, x_bi, (contract[::-1], ((), ())))                   # [out, batch...]
+            y = jnp.moveaxis(y, 0, -1)                                                         # [batch..., out]
+        y = y.reshape(x.shape[:x.ndim - n_in] + feats)                                         # [batch..., out...]
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, feats, x.dtype).astype(y.dtype)
         return y
