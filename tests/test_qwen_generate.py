@@ -167,3 +167,31 @@ def test_dense_out_in_equals_dense(tokens):
                                 axis=kw.get("axis", -1)).apply({"params": tree[name]}, inp)
             got = common.DenseOutIn(**kw, name=name).apply({"params": tree_t[name]}, inp)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+
+
+def test_cpu_decode_step_reads_weights_as_left_operand(setup, monkeypatch):
+    """Guard for the CPU decode speed (bench/qwen_decode.py): in the compiled decode loop every projection's dot has
+    the weight as its left operand, i.e. yields [out, rows]. XLA rewrites some equivalent forms back into the
+    x-left product (``x @ W^T``, about half the weight-read rate for a decode step's few rows), silently."""
+    import re
+    _, cfg, params, grid, pv, rows = setup
+    ids, mask = pad_rows(rows, "left")
+    hlo = {}
+    real = gen_lib._generate_jit
+
+    def spy(*args, **kw):
+        hlo["text"] = real.lower(*args, **kw).compile().as_text()
+        return real(*args, **kw)
+    monkeypatch.setattr(gen_lib, "_generate_jit", spy)
+    q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2, decode_weights=q.prepare_decode(cfg, params))
+    t = cfg.text
+    out_features = {"q_proj": t.num_attention_heads * t.head_dim, "k_proj": t.num_key_value_heads * t.head_dim,
+                    "v_proj": t.num_key_value_heads * t.head_dim, "o_proj": t.hidden_size,
+                    "gate_proj": t.intermediate_size, "up_proj": t.intermediate_size, "down_proj": t.hidden_size}
+    found = []
+    for m in re.finditer(r"= f32\[([\d,]+)\]\S* fusion\([^\n]*op_name=\"[^\"]*while/body/Qwen25VL.decode_step[^\"]*/(\w+_proj)/dot_general",
+                         hlo["text"]):
+        dims, name = [int(d) for d in m.group(1).split(",")], m.group(2)
+        found.append(name)
+        assert dims[0] == out_features[name] and dims[1] == len(rows), (name, dims)
+    assert sorted(set(found)) == sorted(out_features) and len(found) == 7 * t.num_hidden_layers
