@@ -35,9 +35,13 @@ def _select(logits_bv, key, temperature, top_k, top_p):
     """-> (token [B] int32, log-prob [B] float32) for one step."""
     logits_bv = logits_bv.astype(jnp.float32)
     if temperature == 0.0:
-        tok = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-        lp = jax.nn.log_softmax(logits_bv, axis=-1)
-        return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+        # argmax as max + first index at the max, and the chosen token's log-prob as -log(sum(exp(logits - max))):
+        # the same token (ties -> lowest id, like argmax) and log_softmax's value, from plain reductions (XLA:CPU's
+        # variadic argmax reduce and a full log_softmax cost ~0.2 ms per decode step at vocab 4096)
+        max_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+        vocab = logits_bv.shape[-1]
+        tok = jnp.min(jnp.where(logits_bv == max_b1, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+        return tok, -jnp.log(jnp.sum(jnp.exp(logits_bv - max_b1), axis=-1))
     scaled = logits_bv / temperature
     lp = jax.nn.log_softmax(scaled, axis=-1)
     filt = scaled
