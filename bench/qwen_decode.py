@@ -18,10 +18,14 @@ streams it about twice as fast, so ``generate`` uses it on CPU; ``ratio_in_out``
 sides too. ``ceiling_ratio`` = transformers' generate time / (our prefill + 127 steps at the
 floor) is the best whole-generate ratio an fp32 implementation with our prefill can reach on this machine;
 ``decode_step_ratio`` and ``decode_step_ceiling`` compare one decode step (prefill excluded) the same way, and
-``floor_efficiency`` = floor / our step. Everything is timed in alternation (``timing.time_interleaved``).
+``floor_efficiency`` = floor / our step. The weight floor lets XLA:CPU overlap independent products on the two
+cores; a decode step cannot, its products wait for each other. ``chain_floor_ms`` times the same reads in the step's
+dependency order (`chain_floor_fn`), ``chain_ceiling_ratio`` the whole-generate ratio with our prefill and a step at
+that floor. Everything is timed in alternation (``timing.time_interleaved``).
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -100,6 +104,35 @@ def weight_floor_fn(mats, rows: int, steps: int = 32, layout: str = "in_out"):
     return lambda: loop(xs, mats)
 
 
+def chain_floor_fn(dw, rows: int, steps: int = 32):
+    """The decode step's weight reads in their data dependencies: per layer q/k/v from x, o from q (attention
+    replaced by the identity), gate/up from x, down from their product, then the LM head, each product in the step's
+    own weight-left form on ``generate``'s held decode weights ``dw``; no norms, rotary, attention or sampling.
+    Each product must wait for the one before it, so XLA:CPU cannot overlap them as in ``weight_floor_fn``: this is
+    the floor of a sequential decoder's step on this machine (timed per iteration of a jitted ``fori_loop``)."""
+    import jax
+    import jax.numpy as jnp
+
+    def gemv(w, x_rd, n_in=1):                           # w [out..., in...] (n_in input axes) -> [rows, out]
+        w2 = w.reshape(math.prod(w.shape[:w.ndim - n_in]), -1)
+        return jnp.moveaxis(jax.lax.dot_general(w2, x_rd[:, None, :], (((1,), (2,)), ((), ()))), 0, -1)[:, 0]
+
+    @jax.jit
+    def loop(x_rd, layers, head_vd):
+        def body(i, x):
+            for p in layers:
+                a, m = p["self_attn"], p["mlp"]
+                q = gemv(a["q_proj"]["kernel_t"], x)
+                kv = jnp.sum(gemv(a["k_proj"]["kernel_t"], x)) + jnp.sum(gemv(a["v_proj"]["kernel_t"], x))
+                x = x + gemv(a["o_proj"]["kernel_t"], q + 1e-30 * kv, n_in=2)
+                x = x + gemv(m["down_proj"]["kernel_t"], gemv(m["gate_proj"]["kernel_t"], x) *
+                             gemv(m["up_proj"]["kernel_t"], x)) * 1e-3
+            return x + 1e-30 * jnp.sum(gemv(head_vd, x))
+        return jax.lax.fori_loop(0, steps, body, x_rd)
+    x0 = jnp.ones((rows, dw.head_vd.shape[1]), jnp.float32) * 0.01
+    return lambda: loop(x0, dw.layers, dw.head_vd)
+
+
 def main():
     import torch
     from edit_r1_jax.models import qwen2_5_vl as q
@@ -143,14 +176,16 @@ def main():
     floor_steps = 32
     floor_io = weight_floor_fn(mats, BATCH, floor_steps, "in_out")
     floor_oi = weight_floor_fn(mats, BATCH, floor_steps, "out_in")
+    floor_chain = chain_floor_fn(dw, BATCH, floor_steps)
     # everything timed in alternation so the VM's drifting memory bandwidth hits each alike
     tt = timing.time_interleaved({"torch": (run_torch, lambda x: x), "ours": (run_ours, timing.block),
                                   "torch_1": (run_torch_1, lambda x: x), "ours_1": (run_ours_1, timing.block),
                                   "ours_in_out": (run_ours_io, timing.block),
                                   "ours_in_out_1": (run_ours_io_1, timing.block),
                                   "ours_per_call": (run_ours_per_call, timing.block),
-                                  "floor_in_out": (floor_io, timing.block), "floor_out_in": (floor_oi, timing.block)},
-                                 rounds=3)
+                                  "floor_in_out": (floor_io, timing.block), "floor_out_in": (floor_oi, timing.block),
+                                  "floor_chain": (floor_chain, timing.block)},
+                                 rounds=5)
     med = {k: v["median_s"] for k, v in tt.items()}
     agree = float(np.mean(np.asarray(run_ours()[0]) == run_torch()[:, ids.shape[1]:].numpy()))
     tps_torch, tps_ours = BATCH * NEW / med["torch"], BATCH * NEW / med["ours"]
@@ -160,12 +195,15 @@ def main():
     step_ours_io = (med["ours_in_out"] - med["ours_in_out_1"]) / (NEW - 1)
     # best whole-generate ratio reachable by an fp32 implementation with our prefill and a decode step at the floor
     ceiling = med["torch"] / (med["ours_1"] + (NEW - 1) * floor_s)
+    chain_s = med["floor_chain"] / floor_steps                     # the same reads, each waiting for the one before
+    chain_ceiling = med["torch"] / (med["ours_1"] + (NEW - 1) * chain_s)
     weight_mb = sum(m.size for m in mats) * 4 / 1e6
     print(f"prefill+1: transformers {med['torch_1'] * 1e3:.0f} ms, ours {med['ours_1'] * 1e3:.0f} ms; decode step: "
           f"transformers {step_torch * 1e3:.2f} ms, ours {step_ours * 1e3:.2f} ms (in_out weights "
           f"{step_ours_io * 1e3:.2f} ms); weight floor ({weight_mb:.0f} MB per step, in a loop) x@W "
           f"{med['floor_in_out'] / floor_steps * 1e3:.2f} ms, W^T as left operand "
-          f"{med['floor_out_in'] / floor_steps * 1e3:.2f} ms -> ceiling ratio {ceiling:.2f}x")
+          f"{med['floor_out_in'] / floor_steps * 1e3:.2f} ms -> ceiling ratio {ceiling:.2f}x; in the step's "
+          f"dependency order {chain_s * 1e3:.2f} ms -> {chain_ceiling:.2f}x")
     timing.report("qwen_decode", "ours >= 3x transformers generate tokens/s", tps_ours / tps_torch,
                   torch_tok_s=tps_torch, ours_tok_s=tps_ours, ours_compile_est_s=first["compile_est_s"],
                   greedy_token_agreement=agree, batch=BATCH, new_tokens=NEW, params_m=q.num_params(cfg) / 1e6,
@@ -178,7 +216,8 @@ def main():
                   floor_out_in_ms=med["floor_out_in"] / floor_steps * 1e3, weight_floor_ms=floor_s * 1e3,
                   weight_mb=weight_mb,
                   ceiling_ratio=ceiling, decode_step_ceiling=step_torch / floor_s,
-                  floor_efficiency=floor_s / step_ours)
+                  floor_efficiency=floor_s / step_ours, chain_floor_ms=chain_s * 1e3,
+                  chain_ceiling_ratio=chain_ceiling, chain_floor_efficiency=chain_s / step_ours)
 
 if __name__ == "__main__":
     main()
