@@ -195,3 +195,24 @@ def test_cpu_decode_step_reads_weights_as_left_operand(setup, monkeypatch):
         found.append(name)
         assert dims[0] == out_features[name] and dims[1] == len(rows), (name, dims)
     assert sorted(set(found)) == sorted(out_features) and len(found) == 7 * t.num_hidden_layers
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_shared_prefix_equals_generate_on_concatenated_prompts(setup, held, highest_precision):
+    """prefix.generate_shared_prefix (one prefilled prefix with an image, two suffix rows) == generate on the
+    concatenated prompts, with the decode weights made per call and held by the caller."""
+    from edit_r1_jax.models.qwen2_5_vl.prefix import generate_shared_prefix
+    _, cfg, params, grid, pv, _ = setup
+    g0 = grid[:1]
+    pv0 = pv[: int(np.prod(g0[0]))]
+    prefix = [1, 5] + T.image_tokens(g0[0]) + [7]
+    suffixes = [[3, 9], [6, 20, 21]]
+    dw = q.prepare_decode(cfg, params) if held else None
+    toks, lps = generate_shared_prefix(cfg, params, np.array([prefix]), None, pv0, g0, [0, 0],
+                                       *pad_rows(suffixes, "right"), max_new_tokens=8, eos_token_id=[],
+                                       decode_weights=dw)
+    ids, mask = pad_rows([prefix + s for s in suffixes], "left")
+    want_t, want_lp = q.generate(cfg, params, ids, mask, np.concatenate([pv0, pv0]), np.concatenate([g0, g0]),
+                                 max_new_tokens=8, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(toks), np.asarray(want_t))
+    np.testing.assert_allclose(np.asarray(lps), np.asarray(want_lp), atol=1e-5, rtol=0)

@@ -343,7 +343,8 @@ class RewardModel:
             self.cfg, self.params, pb["input_ids"], pb["attention_mask"], pb["pixel_values"], pb["image_grid_thw"],
             gidx, sb["input_ids"], sb["attention_mask"], sb["pixel_values"], sb["image_grid_thw"],
             max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=temperature, rng=rng,
-            eos_token_id=self.inputs.eos_id, pad_token_id=self.inputs.pad_id, bucket=self.bucket)
+            eos_token_id=self.inputs.eos_id, pad_token_id=self.inputs.pad_id, bucket=self.bucket,
+            decode_weights=self.decode_weights())
         return _to_host(toks)[:n]
 
     def last_logits(self, examples: Sequence[dict], batch_size: int | None = None) -> np.ndarray:

@@ -113,6 +113,19 @@ def prepare_decode(cfg: Qwen25VLConfig, params: dict, decode_layout: str = "auto
     return DecodeWeights(tuple(layer_params), head_vd, layout)
 
 
+def checked_decode_layout(cfg: Qwen25VLConfig, decode_layout: str, held: DecodeWeights | None) -> str:
+    """The decode layout a call uses: ``held``'s when weights are held (an explicit other layout is an error)."""
+    layout = resolve_decode_layout(decode_layout)
+    if held is None:
+        return layout
+    if decode_layout != "auto" and layout != held.layout:
+        raise ValueError(f"decode_layout={decode_layout!r} but decode_weights were prepared for {held.layout!r}")
+    if len(held.layers) != cfg.text.num_hidden_layers:
+        raise ValueError(f"decode_weights hold {len(held.layers)} layers, the config {cfg.text.num_hidden_layers}: "
+                         f"prepared for another model?")
+    return held.layout
+
+
 def decode_logits(mdl, h_btd, head_vd):
     """Logits of a decode step: ``mdl.logits`` ("in_out", head None) or the output-major head."""
     return mdl.logits(h_btd) if head_vd is None else mdl.logits_out_in(h_btd, head_vd)
@@ -218,15 +231,7 @@ def generate(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, 
         raise ValueError(f"temperature={temperature} must be >= 0")
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: rng=jax.random.key(seed)")
-    layout = resolve_decode_layout(decode_layout)
-    if decode_weights is not None:
-        if decode_layout != "auto" and layout != decode_weights.layout:
-            raise ValueError(f"decode_layout={decode_layout!r} but decode_weights were prepared for "
-                             f"{decode_weights.layout!r}")
-        if len(decode_weights.layers) != cfg.text.num_hidden_layers:
-            raise ValueError(f"decode_weights hold {len(decode_weights.layers)} layers, the config "
-                             f"{cfg.text.num_hidden_layers}: prepared for another model?")
-        layout = decode_weights.layout
+    layout = checked_decode_layout(cfg, decode_layout, decode_weights)
     grid, ids, mask, pv = _prep(cfg, params, input_ids, attention_mask, pixel_values, image_grid_thw)
     b, t = ids.shape
     mask = jnp.ones((b, t), jnp.int32) if mask is None else mask

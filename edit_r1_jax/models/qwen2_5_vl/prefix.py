@@ -29,13 +29,13 @@ from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
 from edit_r1_jax.models.qwen2_5_vl import text as text_lib
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from edit_r1_jax.models.qwen2_5_vl.generate import (_select, decode_logits, decode_weights,
-                                                     resolve_decode_layout, round_up)
+from edit_r1_jax.models.qwen2_5_vl.generate import (DecodeWeights, _select, checked_decode_layout, decode_logits,
+                                                     decode_weights, round_up)
 from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _check_image_tokens, _grid_key, embed_inputs, sharding_of
 
 
-def _body(params, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt, suf_mask_bt, suf_pv, rng, eos_arr, pad, *,
-          cfg, pre_grid, suf_grid, max_new, cache_len, temperature, top_k, top_p):
+def _body(params, prepared, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt, suf_mask_bt, suf_pv, rng, eos_arr,
+          pad, *, cfg, pre_grid, suf_grid, max_new, cache_len, temperature, top_k, top_p, decode_layout):
     p, tp = pre_ids_pt.shape
     b, ts = suf_ids_bt.shape
     t = cfg.text
@@ -67,8 +67,10 @@ def _body(params, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt, suf_mask_
         h_last = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)      # [B, 1, D]
         return mdl.logits(h_last)[:, 0], cache
 
-    decode_layout = resolve_decode_layout("auto")
-    layer_params, head_vd = decode_weights(cfg, params, decode_layout)      # once, outside the loop
+    if prepared is None:
+        layer_params, head_vd = decode_weights(cfg, params, decode_layout)  # once, outside the loop
+    else:
+        layer_params, head_vd = list(prepared.layers), prepared.head_vd
 
     def step(mdl, tok_b, i, caches):
         x = mdl.embed(tok_b[:, None])
@@ -115,7 +117,7 @@ def _impl(*args, sharding=None, **static):
 
 
 _jit = jax.jit(_impl, static_argnames=("cfg", "pre_grid", "suf_grid", "max_new", "cache_len", "temperature",
-                                       "top_k", "top_p", "sharding"))
+                                       "top_k", "top_p", "decode_layout", "sharding"))
 
 
 def _part(cfg, params, name, ids, mask, pixel_values, grid, bucket):
@@ -146,13 +148,15 @@ def generate_shared_prefix(cfg: Qwen25VLConfig, params: dict, prefix_ids, prefix
                            prefix_grid_thw, group_index, suffix_ids, suffix_mask=None, suffix_pixel_values=None,
                            suffix_grid_thw=None, max_new_tokens: int = 64, temperature: float = 0.0,
                            top_k: int | None = None, top_p: float | None = None, rng=None, eos_token_id=None, *,
-                           pad_token_id: int | None = None, bucket: int = 64):
+                           pad_token_id: int | None = None, bucket: int = 64,
+                           decode_weights: DecodeWeights | None = None):
     """Generate for rows ``prefix[group_index[b]] + suffix[b]`` -> (tokens [B, N] int32, logprobs [B, N] float32).
 
     prefix_ids/prefix_mask [P, Tp] with packed ``prefix_pixel_values`` / ``prefix_grid_thw`` (the images of the P
     prefixes, row-major); group_index [B] int in [0, P); suffix_ids/suffix_mask [B, Ts] with their images likewise.
     Sampling, EOS and padding of the output as in ``generate``. Shapes are bucketed (multiples of ``bucket``);
     P and B are static, so keep them fixed (pad with unused prefixes / repeated rows) to avoid recompiles.
+    ``decode_weights``: `generate.prepare_decode` of ``params``, held across calls (as in ``generate``).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -179,7 +183,9 @@ def generate_shared_prefix(cfg: Qwen25VLConfig, params: dict, prefix_ids, prefix
     cache_len = round_up(tp + ts + max_new_tokens, bucket)
     rng = jax.random.key(0) if rng is None else rng
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    return _jit(params, pre_ids, pre_mask, pre_pv, jnp.asarray(gidx), suf_ids, suf_mask, suf_pv, rng, eos_arr,
-                jnp.int32(pad), cfg=cfg, pre_grid=pre_grid, suf_grid=suf_grid, max_new=int(max_new_tokens),
+    layout = checked_decode_layout(cfg, "auto", decode_weights)
+    return _jit(params, decode_weights, pre_ids, pre_mask, pre_pv, jnp.asarray(gidx), suf_ids, suf_mask, suf_pv, rng,
+                eos_arr, jnp.int32(pad), cfg=cfg, pre_grid=pre_grid, suf_grid=suf_grid, max_new=int(max_new_tokens),
+                decode_layout=layout,
                 cache_len=cache_len, temperature=float(temperature), top_k=None if top_k is None else int(top_k),
                 top_p=None if top_p is None else float(top_p), sharding=sharding_of(params))
