@@ -49,8 +49,8 @@ def test_block_diagonal_segments(highest_precision):
 
 
 def test_bhsd_kv_layout_decode_step(highest_precision):
-    """kv_layout='bhsd' (the KV-cache decode layout, k/v [B,Hkv,S,D]) against the reference: one query per row at
-    cache slot 5 of 8, left-padded row, GQA 4/2."""
+    """kv_layout='bhsd' (k/v [B,Hkv,S,D]) and 'bhsd_kt' (the KV-cache decode layout: keys [B,Hkv,D,S], values
+    [B,Hkv,S,D]) against the reference: one query per row at cache slot 5 of 8, left-padded row, GQA 4/2."""
     rng = np.random.default_rng(3)
     b, s, hq, hkv, d = 2, 8, 4, 2, 8
     q = rng.standard_normal((b, 1, hq, d)).astype(np.float32)
@@ -62,6 +62,11 @@ def test_bhsd_kv_layout_decode_step(highest_precision):
                            q_positions=q_pos, kv_positions=kv_pos, kv_layout="bhsd")
     mask = (kv_seg[:, None, :] > 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])
     np.testing.assert_allclose(np.asarray(out), _ref_attention(q, k, v, mask[:, None]), rtol=1e-6, atol=1e-6)
+    out_kt = layers.attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 3, 1)),          # keys [B,Hkv,D,S]
+                              jnp.asarray(v.transpose(0, 2, 1, 3)), causal=True,
+                              q_segment_ids=np.ones((b, 1), np.int32), kv_segment_ids=kv_seg, q_positions=q_pos,
+                              kv_positions=kv_pos, kv_layout="bhsd_kt")
+    np.testing.assert_allclose(np.asarray(out_kt), _ref_attention(q, k, v, mask[:, None]), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="kv_layout='bsdh'"):
         layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), kv_layout="bsdh")
     with pytest.raises(ValueError, match="supports kv_layout='bshd' only"):
