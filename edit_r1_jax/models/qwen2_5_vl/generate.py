@@ -99,14 +99,13 @@ class DecodeWeights:
     layout: str = flax.struct.field(pytree_node=False)
 
 
-_decode_weights_jit = jax.jit(lambda cfg, params, layout: decode_weights(cfg, params, layout),
-                              static_argnames=("cfg", "layout"))
+_decode_weights_jit = jax.jit(decode_weights, static_argnames=("cfg", "layout"))
 
 
 def prepare_decode(cfg: Qwen25VLConfig, params: dict, decode_layout: str = "auto") -> DecodeWeights:
     """``DecodeWeights`` for ``generate(..., decode_weights=...)``: make once, reuse while ``params`` are unchanged
     (remake after every optimizer step of the model itself). On CPU ("out_in") this saves the per-call transposes
-    of every projection kernel (about 20 ms per call for the 20 M-parameter benchmark model)."""
+    of every projection kernel (20-30 ms per call for the 20 M-parameter benchmark model)."""
     layout = resolve_decode_layout(decode_layout)
     with sharding_context(*(sharding_of(params) or (None, ()))):
         layer_params, head_vd = _decode_weights_jit(cfg, params, layout)
@@ -124,6 +123,14 @@ def checked_decode_layout(cfg: Qwen25VLConfig, decode_layout: str, held: DecodeW
         raise ValueError(f"decode_weights hold {len(held.layers)} layers, the config {cfg.text.num_hidden_layers}: "
                          f"prepared for another model?")
     return held.layout
+
+
+def step_weights(cfg: Qwen25VLConfig, params: dict, held: DecodeWeights | None, layout: str):
+    """Inside a generation jit: (per-layer params, head or None) of the decode loop, ``held``'s when the caller
+    holds them, else made here once, outside the loop (`decode_weights`)."""
+    if held is None:
+        return decode_weights(cfg, params, layout)
+    return list(held.layers), held.head_vd
 
 
 def decode_logits(mdl, h_btd, head_vd):
@@ -147,10 +154,7 @@ def _generate_body(params, prepared, ids_bt, mask_bt, pixel_values, rng, eos_arr
     next_pos_b = jnp.sum(mask_bt, axis=1) + deltas_b1[:, 0]          # = max(prompt positions) + 1
     kv_seg_bs = jnp.concatenate([mask_bt, jnp.ones((b, cache_len - tp), jnp.int32)], axis=1)
     last_b = jnp.max(jnp.where(mask_bt > 0, jnp.arange(tp)[None], -1), axis=1)
-    if prepared is None:
-        layer_params, head_vd = decode_weights(cfg, params, decode_layout)      # once, outside the loop
-    else:
-        layer_params, head_vd = list(prepared.layers), prepared.head_vd
+    layer_params, head_vd = step_weights(cfg, params, prepared, decode_layout)
 
     def prefill_scanned(mdl):       # the scanned stack (compile time flat in depth), then the step's cache layout
         x, _ = embed_inputs(mdl, cfg, ids_bt, pixel_values, grid)

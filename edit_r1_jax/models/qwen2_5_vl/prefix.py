@@ -30,7 +30,7 @@ from edit_r1_jax.models.qwen2_5_vl import text as text_lib
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.generate import (DecodeWeights, _select, checked_decode_layout, decode_logits,
-                                                     decode_weights, round_up)
+                                                     round_up, step_weights)
 from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _check_image_tokens, _grid_key, embed_inputs, sharding_of
 
 
@@ -67,10 +67,7 @@ def _body(params, prepared, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt,
         h_last = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)      # [B, 1, D]
         return mdl.logits(h_last)[:, 0], cache
 
-    if prepared is None:
-        layer_params, head_vd = decode_weights(cfg, params, decode_layout)  # once, outside the loop
-    else:
-        layer_params, head_vd = list(prepared.layers), prepared.head_vd
+    layer_params, head_vd = step_weights(cfg, params, prepared, decode_layout)
 
     def step(mdl, tok_b, i, caches):
         x = mdl.embed(tok_b[:, None])
