@@ -105,10 +105,10 @@ def weight_floor_fn(mats, rows: int, steps: int = 32, layout: str = "in_out"):
 
 
 def chain_floor_fn(dw, rows: int, steps: int = 32):
-    """The decode step's weight reads in their data dependencies: per layer q/k/v from x, o from q (attention
-    replaced by the identity), gate/up from x, down from their product, then the LM head, each product in the step's
-    own weight-left form on ``generate``'s held decode weights ``dw``; no norms, rotary, attention or sampling.
-    Each product must wait for the one before it, so XLA:CPU cannot overlap them as in ``weight_floor_fn``: this is
+    """The decode step's weight reads in their data dependencies: per layer q/k/v from x (one fused product, as in
+    the step), o from q (attention replaced by the identity), gate/up from x (fused), down from their product, then
+    the LM head, each product in the step's own weight-left form on ``generate``'s held decode weights ``dw``; no
+    norms, rotary, attention or sampling. Each product must wait for the one before it, so XLA:CPU cannot overlap them as in ``weight_floor_fn``: this is
     the floor of a sequential decoder's step on this machine (timed per iteration of a jitted ``fori_loop``)."""
     import jax
     import jax.numpy as jnp
@@ -122,11 +122,12 @@ def chain_floor_fn(dw, rows: int, steps: int = 32):
         def body(i, x):
             for p in layers:
                 a, m = p["self_attn"], p["mlp"]
-                q = gemv(a["q_proj"]["kernel_t"], x)
-                kv = jnp.sum(gemv(a["k_proj"]["kernel_t"], x)) + jnp.sum(gemv(a["v_proj"]["kernel_t"], x))
-                x = x + gemv(a["o_proj"]["kernel_t"], q + 1e-30 * kv, n_in=2)
-                x = x + gemv(m["down_proj"]["kernel_t"], gemv(m["gate_proj"]["kernel_t"], x) *
-                             gemv(m["up_proj"]["kernel_t"], x)) * 1e-3
+                qkv = gemv(a["qkv_proj"]["kernel_t"], x)                  # [rows, (Hq + 2 Hkv) hd]
+                n_q = math.prod(a["o_proj"]["kernel_t"].shape[1:])
+                q = qkv[:, :n_q] + 1e-30 * jnp.sum(qkv[:, n_q:])
+                x = x + gemv(a["o_proj"]["kernel_t"], q, n_in=2)
+                gu = gemv(m["gate_up_proj"]["kernel_t"], x)                # [rows, 2 I]
+                x = x + gemv(m["down_proj"]["kernel_t"], gu[:, :gu.shape[1] // 2] * gu[:, gu.shape[1] // 2:]) * 1e-3
             return x + 1e-30 * jnp.sum(gemv(head_vd, x))
         return jax.lax.fori_loop(0, steps, body, x_rd)
     x0 = jnp.ones((rows, dw.head_vd.shape[1]), jnp.float32) * 0.01

@@ -169,6 +169,54 @@ def test_dense_out_in_equals_dense(tokens):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_fused_decode_layer_equals_flax_layer(setup, tokens, highest_precision):
+    """A decoder layer on `to_out_in` + `fuse_projections` weights (q/k/v and gate/up read as one product each, the
+    CPU decode step's form) equals the Flax-layout layer, at 3 tokens (the weight as the dot's left operand) and 40
+    (x on the left, the prefill's GEMM); the fused kernels hold the separate ones in order."""
+    import jax.numpy as jnp
+    from edit_r1_jax.models.qwen2_5_vl import text
+    _, cfg, params, *_ = setup
+    t = cfg.text
+    layer = text.unstack_layers(params["layers"], t.num_hidden_layers)[1]
+    fused = text.fuse_projections(text.to_out_in(layer))
+    sep = text.to_out_in(layer)
+    qkv = fused["self_attn"]["qkv_proj"]["kernel_t"]
+    nq, nkv = t.num_attention_heads, t.num_key_value_heads
+    assert qkv.shape == (nq + 2 * nkv, t.head_dim, t.hidden_size)
+    np.testing.assert_array_equal(np.asarray(qkv[nq:nq + nkv]), np.asarray(sep["self_attn"]["k_proj"]["kernel_t"]))
+    np.testing.assert_array_equal(np.asarray(fused["self_attn"]["qkv_proj"]["bias"][nq + nkv:]),
+                                  np.asarray(sep["self_attn"]["v_proj"]["bias"]))
+    np.testing.assert_array_equal(np.asarray(fused["mlp"]["gate_up_proj"]["kernel_t"][1]),
+                                  np.asarray(sep["mlp"]["up_proj"]["kernel_t"]))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, tokens, t.hidden_size)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(tokens)[None, None], (3, 2, tokens))
+    cos, sin = text.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section, jnp.float32)
+    outs = {}
+    for lay, p in (("in_out", layer), ("out_in", fused)):
+        mod = text.DecoderLayer(t, "xla", False, "bshd", lay)
+        outs[lay] = np.asarray(mod.apply({"params": p}, x, None, cos, sin, None, None, None)[0])
+    np.testing.assert_allclose(outs["out_in"], outs["in_out"], atol=1e-5, rtol=0)
+
+
+def test_rotary_table_equals_per_step_rotary(setup):
+    """The decode loop's (cos, sin) table, made once before it (`rotary_table`), holds at step i what the step would
+    compute from its M-RoPE position ids next_pos + i (all three axes equal for generated text)."""
+    import jax.numpy as jnp
+    from edit_r1_jax.models.qwen2_5_vl import text
+    _, cfg, *_ = setup
+    t = cfg.text
+    next_pos = jnp.asarray([7, 30], jnp.int32)
+    table = gen_lib.rotary_table(cfg, next_pos, 12, jnp.float32)
+    assert table[0].shape == (2, 12, t.head_dim)
+    for i in (0, 5, 11):
+        pos = jnp.broadcast_to((next_pos + i)[None, :, None], (3, 2, 1))
+        want = text.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section, jnp.float32)
+        got = gen_lib.rotary_at(table, jnp.int32(i))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_cpu_decode_step_reads_weights_as_left_operand(setup, monkeypatch):
     """Guard for the CPU decode speed (bench/qwen_decode.py): in the compiled decode loop every projection's dot has
     the weight as its left operand, i.e. yields [out, rows]. XLA rewrites some equivalent forms back into the
@@ -185,16 +233,16 @@ def test_cpu_decode_step_reads_weights_as_left_operand(setup, monkeypatch):
     monkeypatch.setattr(gen_lib, "_generate_jit", spy)
     q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2, decode_weights=q.prepare_decode(cfg, params))
     t = cfg.text
-    out_features = {"q_proj": t.num_attention_heads * t.head_dim, "k_proj": t.num_key_value_heads * t.head_dim,
-                    "v_proj": t.num_key_value_heads * t.head_dim, "o_proj": t.hidden_size,
-                    "gate_proj": t.intermediate_size, "up_proj": t.intermediate_size, "down_proj": t.hidden_size}
+    # q/k/v and gate/up are read as one product each (text.fuse_projections)
+    out_features = {"qkv_proj": (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim,
+                    "o_proj": t.hidden_size, "gate_up_proj": 2 * t.intermediate_size, "down_proj": t.hidden_size}
     found = []
     for m in re.finditer(r"= f32\[([\d,]+)\]\S* fusion\([^\n]*op_name=\"[^\"]*while/body/Qwen25VL.decode_step[^\"]*/(\w+_proj)/dot_general",
                          hlo["text"]):
         dims, name = [int(d) for d in m.group(1).split(",")], m.group(2)
         found.append(name)
         assert dims[0] == out_features[name] and dims[1] == len(rows), (name, dims)
-    assert sorted(set(found)) == sorted(out_features) and len(found) == 7 * t.num_hidden_layers
+    assert sorted(set(found)) == sorted(out_features) and len(found) == 4 * t.num_hidden_layers
 
 
 @pytest.mark.parametrize("held", [False, True])

@@ -76,13 +76,15 @@ def resolve_decode_layout(layout: str) -> str:
 
 def decode_weights(cfg: Qwen25VLConfig, params: dict, layout: str) -> tuple[list, jax.Array | None]:
     """(per-layer decoder params, LM head [vocab, D] or None) for the decode loop; call once, outside it.
-    "out_in": kernels transposed by ``text.to_out_in`` and the head output-major, behind an optimization barrier so
+    "out_in": kernels transposed by ``text.to_out_in`` (q/k/v and gate/up fused, ``text.fuse_projections``) and the
+    head output-major, behind an optimization barrier so
     that XLA cannot fold the transposes back into the loop's dots."""
     layer_params = text_lib.unstack_layers(params["layers"], cfg.text.num_hidden_layers)
     if layout == "in_out":
         return layer_params, None
     head_vd = params["embed_tokens"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"].T
-    return jax.lax.optimization_barrier(([text_lib.to_out_in(p) for p in layer_params], head_vd))
+    return jax.lax.optimization_barrier(([text_lib.fuse_projections(text_lib.to_out_in(p)) for p in layer_params],
+                                        head_vd))
 
 
 @flax.struct.dataclass
@@ -133,6 +135,21 @@ def step_weights(cfg: Qwen25VLConfig, params: dict, held: DecodeWeights | None, 
     return list(held.layers), held.head_vd
 
 
+def rotary_table(cfg: Qwen25VLConfig, next_pos_b, steps: int, dtype):
+    """(cos, sin) [B, steps, hd] for decode step i's token at position ``next_pos_b + i`` (generated text: the three
+    M-RoPE axes equal), made once before the decode loop. Made inside it, XLA:CPU fuses cos/sin into every consumer
+    (each layer's q and k rotation, the key-cache write) and evaluates them per element there."""
+    t = cfg.text
+    pos_bs = next_pos_b[:, None] + jnp.arange(steps, dtype=next_pos_b.dtype)[None]
+    return text_lib.mrope_cos_sin(jnp.broadcast_to(pos_bs[None], (3,) + pos_bs.shape), t.head_dim, t.rope_theta,
+                                  t.mrope_section, dtype)
+
+
+def rotary_at(table, i):
+    """Step ``i``'s (cos, sin) [B, 1, hd] from ``rotary_table``."""
+    return tuple(jax.lax.dynamic_slice_in_dim(a, i, 1, axis=1) for a in table)
+
+
 def decode_logits(mdl, h_btd, head_vd):
     """Logits of a decode step: ``mdl.logits`` ("in_out", head None) or the output-major head."""
     return mdl.logits(h_btd) if head_vd is None else mdl.logits_out_in(h_btd, head_vd)
@@ -172,11 +189,12 @@ def _generate_body(params, prepared, ids_bt, mask_bt, pixel_values, rng, eos_arr
         h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)    # [B, 1, D]
         return decode_logits(mdl, h_last, head_vd)[:, 0], caches
 
+    rotary = rotary_table(cfg, next_pos_b, max_new, dtype)
+
     def step(mdl, tok_b, i, caches):
         x = mdl.embed(tok_b[:, None])
-        pos = jnp.broadcast_to((next_pos_b + i)[None, :, None], (3, b, 1))
-        h, caches = mdl.decode_step(x, pos, jnp.ones((b, 1), jnp.int32), caches, tp + i, kv_seg_bs, layer_params,
-                                    decode_layout)
+        h, caches = mdl.decode_step(x, None, jnp.ones((b, 1), jnp.int32), caches, tp + i, kv_seg_bs, layer_params,
+                                    decode_layout, rotary=rotary_at(rotary, i))
         return decode_logits(mdl, h, head_vd)[:, 0], caches
 
     variables = {"params": params}

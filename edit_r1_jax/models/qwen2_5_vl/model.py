@@ -62,13 +62,15 @@ class Qwen25VL(nn.Module):
         return self.norm(x_btd), new_cache, hidden
 
     def decode_step(self, x_btd, position_ids, segment_ids, caches, cache_index, kv_segment_ids, layer_params,
-                    kernel_layout: str = "in_out"):
+                    kernel_layout: str = "in_out", rotary=None):
         """``decode`` for a KV-cache decode step: layers unrolled on ``layer_params`` (``text.unstack_layers``, each
         through ``text.to_out_in`` for ``kernel_layout="out_in"``), per-layer caches K [B, Hkv, hd, S], V [B, Hkv, S, hd]
-        (``text.stack_cache_to_step``). -> (hidden [B,T,D] normed, new caches)."""
+        (``text.stack_cache_to_step``). ``rotary``: (cos, sin) [B, T, hd] of ``position_ids`` made beforehand
+        (``rotary_table``), else made here. -> (hidden [B,T,D] normed, new caches)."""
         t = self.cfg.text
         x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
-        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x_btd.dtype)
+        cos, sin = rotary if rotary is not None else mrope_cos_sin(position_ids, t.head_dim, t.rope_theta,
+                                                                   t.mrope_section, x_btd.dtype)
         x_btd, caches = decode_layers_unrolled(t, layer_params, x_btd, caches, cos, sin, segment_ids, cache_index,
                                                kv_segment_ids, kernel_layout)
         return self.norm(x_btd), caches

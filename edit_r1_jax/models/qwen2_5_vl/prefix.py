@@ -30,7 +30,7 @@ from edit_r1_jax.models.qwen2_5_vl import text as text_lib
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.generate import (DecodeWeights, _select, checked_decode_layout, decode_logits,
-                                                     round_up, step_weights)
+                                                     rotary_at, rotary_table, round_up, step_weights)
 from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _check_image_tokens, _grid_key, embed_inputs, sharding_of
 
 
@@ -69,11 +69,12 @@ def _body(params, prepared, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt,
 
     layer_params, head_vd = step_weights(cfg, params, prepared, decode_layout)
 
+    rotary = rotary_table(cfg, next_pos_b, max_new, dtype)
+
     def step(mdl, tok_b, i, caches):
         x = mdl.embed(tok_b[:, None])
-        pos = jnp.broadcast_to((next_pos_b + i)[None, :, None], (3, b, 1))
-        h, caches = mdl.decode_step(x, pos, jnp.ones((b, 1), jnp.int32), caches, tp + ts + i, kv_seg_bs,
-                                    layer_params, decode_layout)
+        h, caches = mdl.decode_step(x, None, jnp.ones((b, 1), jnp.int32), caches, tp + ts + i, kv_seg_bs,
+                                    layer_params, decode_layout, rotary=rotary_at(rotary, i))
         return decode_logits(mdl, h, head_vd)[:, 0], caches
 
     variables = {"params": params}

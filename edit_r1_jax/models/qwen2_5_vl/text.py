@@ -12,11 +12,13 @@ cache slice (generation): new keys/values are written at ``cache_index`` and que
 Two cache layouts: the scanned stack (prefill) holds ``[L, B, S, Hkv, hd]`` per K/V; the single-token decode step
 (``decode_layers_unrolled``) runs the layers as a Python loop on per-layer weights and per-layer caches, keys
 ``[B, Hkv, hd, S]`` and values ``[B, Hkv, S, hd]`` ("bhsd_kt": both attention products are then plain matmuls
-on contiguous blocks, keys already transposed). Inside a ``while_loop`` the scan's dynamic slicing of the stacked weights and caches
-copies every layer's weights (and its cache, plus a transposed copy for the attention matmuls) on every token; the
-unrolled form reads weights and caches in place and updates each cache in place (one token's slot). On CPU the
-decode step also takes its projection kernels output-major (``to_out_in``, ``common.DenseOutIn``): for the step's
-few rows the weight read is the cost, and XLA:CPU's GEMM streams a left-operand [out, in] weight faster.
+on contiguous blocks, keys already transposed). Inside a ``while_loop`` the scan's dynamic slicing of the stacked
+weights and caches copies every layer's weights (and its cache, plus a transposed copy for the attention matmuls) on
+every token; the unrolled form reads weights and caches in place and updates each cache in place (one token's slot).
+On CPU the decode step also takes its projection kernels output-major (``to_out_in``, ``common.DenseOutIn``): for
+the step's few rows the weight read is the cost, and XLA:CPU's GEMM streams a left-operand [out, in] weight faster;
+there q/k/v and gate/up are fused into one kernel each (``fuse_projections``: ``Attention.qkv_proj``,
+``MLP.gate_up_proj``, kernel_t [Hq + 2 Hkv, hd, D] and [2, I, D]), one product instead of several smaller ones.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from edit_r1_jax.models import layer_layout, layers
-from edit_r1_jax.models.qwen2_5_vl.common import RMSNorm, constrain, dense_in_layout
+from edit_r1_jax.models.qwen2_5_vl.common import DenseOutIn, RMSNorm, constrain, dense_in_layout
 from edit_r1_jax.models.qwen2_5_vl.config import TextConfig
 
 _cp = jax.checkpoint_policies
@@ -78,11 +80,17 @@ class Attention(nn.Module):
         c = self.cfg
         hd = c.head_dim
         dense = functools.partial(dense_in_layout, self.kernel_layout)
-        q_bthd = dense((c.num_attention_heads, hd), ("embed", "heads", "head_dim"), use_bias=True, name="q_proj")(x_btd)
-        k_bthd = dense((c.num_key_value_heads, hd), ("embed", "kv_heads", "head_dim"), use_bias=True,
-                       name="k_proj")(x_btd)
-        v_bthd = dense((c.num_key_value_heads, hd), ("embed", "kv_heads", "head_dim"), use_bias=True,
-                       name="v_proj")(x_btd)
+        if self.kernel_layout == "out_in":       # q, k, v as one product on `fuse_projections`' qkv_proj
+            nq, nkv = c.num_attention_heads, c.num_key_value_heads
+            qkv_bthd = DenseOutIn((nq + 2 * nkv, hd), use_bias=True, name="qkv_proj")(x_btd)
+            q_bthd, k_bthd, v_bthd = jnp.split(qkv_bthd, (nq, nq + nkv), axis=2)
+        else:
+            q_bthd = dense((c.num_attention_heads, hd), ("embed", "heads", "head_dim"), use_bias=True,
+                           name="q_proj")(x_btd)
+            k_bthd = dense((c.num_key_value_heads, hd), ("embed", "kv_heads", "head_dim"), use_bias=True,
+                           name="k_proj")(x_btd)
+            v_bthd = dense((c.num_key_value_heads, hd), ("embed", "kv_heads", "head_dim"), use_bias=True,
+                           name="v_proj")(x_btd)
         q_bthd = apply_rotary_activation_dtype(q_bthd, cos, sin)
         k_bthd = apply_rotary_activation_dtype(k_bthd, cos, sin)
         q_bthd = constrain(q_bthd, ("activation_batch", "activation_length", "activation_heads", None))
@@ -122,8 +130,12 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.cfg
         dense = functools.partial(dense_in_layout, self.kernel_layout)
-        g = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj")(x)
-        u = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj")(x)
+        if self.kernel_layout == "out_in":       # gate and up as one product on `fuse_projections`' gate_up_proj
+            gu = DenseOutIn((2, c.intermediate_size), name="gate_up_proj")(x)            # [..., 2, I]
+            g, u = gu[..., 0, :], gu[..., 1, :]
+        else:
+            g = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj")(x)
+            u = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj")(x)
         h = constrain(jax.nn.silu(g) * u, ("activation_batch", "activation_length", "activation_mlp"))
         return dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj")(h)
 
@@ -196,12 +208,26 @@ def to_out_in(layer_tree: dict) -> dict:
     return convert(layer_tree)
 
 
+def fuse_projections(layer_t: dict) -> dict:
+    """One decoder layer's `to_out_in` params with q/k/v fused into ``self_attn.qkv_proj`` (kernel_t [Hq + 2 Hkv,
+    hd, D], bias [Hq + 2 Hkv, hd]) and gate/up into ``mlp.gate_up_proj`` (kernel_t [2, I, D]): the decode step
+    ("out_in") reads each pair of weights in one product instead of two or three smaller ones, which XLA:CPU's GEMM
+    streams more slowly (per-product overhead, and two threads sharing independent small products)."""
+    a, m = layer_t["self_attn"], layer_t["mlp"]
+    qkv = {"kernel_t": jnp.concatenate([a[n]["kernel_t"] for n in ("q_proj", "k_proj", "v_proj")], axis=0),
+           "bias": jnp.concatenate([a[n]["bias"] for n in ("q_proj", "k_proj", "v_proj")], axis=0)}
+    gate_up = {"kernel_t": jnp.stack([m["gate_proj"]["kernel_t"], m["up_proj"]["kernel_t"]], axis=0)}
+    return {**layer_t, "self_attn": {"qkv_proj": qkv, "o_proj": a["o_proj"]},
+            "mlp": {"gate_up_proj": gate_up, "down_proj": m["down_proj"]}}
+
+
 def decode_layers_unrolled(cfg: TextConfig, layer_params: list, x_btd, caches, cos, sin, segment_ids, cache_index,
                            kv_segment_ids, kernel_layout: str = "in_out"):
     """The decoder stack as a Python loop over layers for KV-cache decoding (same math as the scanned stack).
 
     layer_params: ``unstack_layers(params['layers'])`` (hoist it out of the decode loop), each through `to_out_in`
-    when ``kernel_layout="out_in"``; caches: per-layer (K [B, Hkv, hd, S], V [B, Hkv, S, hd]) (``stack_cache_to_step``).
+    and `fuse_projections` when ``kernel_layout="out_in"``; caches: per-layer (K [B, Hkv, hd, S], V [B, Hkv, S, hd])
+    (``stack_cache_to_step``).
     -> (x [B,T,D] before the final norm, new caches).
     """
     layer = DecoderLayer(cfg, "xla", False, "bhsd_kt", kernel_layout, parent=None)
