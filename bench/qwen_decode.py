@@ -122,12 +122,12 @@ def chain_floor_fn(dw, rows: int, steps: int = 32):
         def body(i, x):
             for p in layers:
                 a, m = p["self_attn"], p["mlp"]
-                qkv = gemv(a["qkv_proj"]["kernel_t"], x)                  # [rows, (Hq + 2 Hkv) hd]
+                qkv = gemv(a["qkv_proj"]["kernel_t"], x)                  # [rows, Hkv (rep + 2) hd]
                 n_q = math.prod(a["o_proj"]["kernel_t"].shape[1:])
-                q = qkv[:, :n_q] + 1e-30 * jnp.sum(qkv[:, n_q:])
+                q = qkv[:, :n_q] + 1e-30 * jnp.sum(qkv[:, n_q:])          # (which columns does not matter here)
                 x = x + gemv(a["o_proj"]["kernel_t"], q, n_in=2)
-                gu = gemv(m["gate_up_proj"]["kernel_t"], x)                # [rows, 2 I]
-                x = x + gemv(m["down_proj"]["kernel_t"], gu[:, :gu.shape[1] // 2] * gu[:, gu.shape[1] // 2:]) * 1e-3
+                gu = gemv(m["gate_up_proj"]["kernel_t"], x)                # [rows, I 2]
+                x = x + gemv(m["down_proj"]["kernel_t"], gu[:, 0::2] * gu[:, 1::2]) * 1e-3
             return x + 1e-30 * jnp.sum(gemv(head_vd, x))
         return jax.lax.fori_loop(0, steps, body, x_rd)
     x0 = jnp.ones((rows, dw.head_vd.shape[1]), jnp.float32) * 0.01

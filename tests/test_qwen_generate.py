@@ -181,13 +181,15 @@ def test_fused_decode_layer_equals_flax_layer(setup, tokens, highest_precision):
     layer = text.unstack_layers(params["layers"], t.num_hidden_layers)[1]
     fused = text.fuse_projections(text.to_out_in(layer))
     sep = text.to_out_in(layer)
-    qkv = fused["self_attn"]["qkv_proj"]["kernel_t"]
-    nq, nkv = t.num_attention_heads, t.num_key_value_heads
-    assert qkv.shape == (nq + 2 * nkv, t.head_dim, t.hidden_size)
-    np.testing.assert_array_equal(np.asarray(qkv[nq:nq + nkv]), np.asarray(sep["self_attn"]["k_proj"]["kernel_t"]))
-    np.testing.assert_array_equal(np.asarray(fused["self_attn"]["qkv_proj"]["bias"][nq + nkv:]),
+    qkv = np.asarray(fused["self_attn"]["qkv_proj"]["kernel_t"])
+    nkv, rep = t.num_key_value_heads, t.num_attention_heads // t.num_key_value_heads
+    assert qkv.shape == (nkv, rep + 2, t.head_dim, t.hidden_size)       # per KV group: its query heads, k, v
+    np.testing.assert_array_equal(qkv[:, :rep].reshape((-1,) + qkv.shape[2:]),
+                                  np.asarray(sep["self_attn"]["q_proj"]["kernel_t"]))
+    np.testing.assert_array_equal(qkv[:, rep], np.asarray(sep["self_attn"]["k_proj"]["kernel_t"]))
+    np.testing.assert_array_equal(np.asarray(fused["self_attn"]["qkv_proj"]["bias"][:, rep + 1]),
                                   np.asarray(sep["self_attn"]["v_proj"]["bias"]))
-    np.testing.assert_array_equal(np.asarray(fused["mlp"]["gate_up_proj"]["kernel_t"][1]),
+    np.testing.assert_array_equal(np.asarray(fused["mlp"]["gate_up_proj"]["kernel_t"][:, 1]),
                                   np.asarray(sep["mlp"]["up_proj"]["kernel_t"]))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, tokens, t.hidden_size)), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(tokens)[None, None], (3, 2, tokens))

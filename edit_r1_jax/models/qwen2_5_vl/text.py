@@ -18,7 +18,7 @@ every token; the unrolled form reads weights and caches in place and updates eac
 On CPU the decode step also takes its projection kernels output-major (``to_out_in``, ``common.DenseOutIn``): for
 the step's few rows the weight read is the cost, and XLA:CPU's GEMM streams a left-operand [out, in] weight faster;
 there q/k/v and gate/up are fused into one kernel each (``fuse_projections``: ``Attention.qkv_proj``,
-``MLP.gate_up_proj``, kernel_t [Hq + 2 Hkv, hd, D] and [2, I, D]), one product instead of several smaller ones.
+``MLP.gate_up_proj``, kernel_t [Hkv, Hq/Hkv + 2, hd, D] and [I, 2, D]), one product instead of several smaller ones.
 """
 from __future__ import annotations
 
@@ -81,9 +81,10 @@ class Attention(nn.Module):
         hd = c.head_dim
         dense = functools.partial(dense_in_layout, self.kernel_layout)
         if self.kernel_layout == "out_in":       # q, k, v as one product on `fuse_projections`' qkv_proj
-            nq, nkv = c.num_attention_heads, c.num_key_value_heads
-            qkv_bthd = DenseOutIn((nq + 2 * nkv, hd), use_bias=True, name="qkv_proj")(x_btd)
-            q_bthd, k_bthd, v_bthd = jnp.split(qkv_bthd, (nq, nq + nkv), axis=2)
+            nkv, rep = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads
+            qkv = DenseOutIn((nkv, rep + 2, hd), use_bias=True, name="qkv_proj")(x_btd)   # [B, T, Hkv, rep+2, hd]
+            q_bthd = qkv[:, :, :, :rep].reshape(qkv.shape[:2] + (nkv * rep, hd))
+            k_bthd, v_bthd = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
         else:
             q_bthd = dense((c.num_attention_heads, hd), ("embed", "heads", "head_dim"), use_bias=True,
                            name="q_proj")(x_btd)
@@ -131,8 +132,8 @@ class MLP(nn.Module):
         c = self.cfg
         dense = functools.partial(dense_in_layout, self.kernel_layout)
         if self.kernel_layout == "out_in":       # gate and up as one product on `fuse_projections`' gate_up_proj
-            gu = DenseOutIn((2, c.intermediate_size), name="gate_up_proj")(x)            # [..., 2, I]
-            g, u = gu[..., 0, :], gu[..., 1, :]
+            gu = DenseOutIn((c.intermediate_size, 2), name="gate_up_proj")(x)            # [..., I, 2]
+            g, u = gu[..., 0], gu[..., 1]
         else:
             g = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj")(x)
             u = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj")(x)
@@ -209,14 +210,22 @@ def to_out_in(layer_tree: dict) -> dict:
 
 
 def fuse_projections(layer_t: dict) -> dict:
-    """One decoder layer's `to_out_in` params with q/k/v fused into ``self_attn.qkv_proj`` (kernel_t [Hq + 2 Hkv,
-    hd, D], bias [Hq + 2 Hkv, hd]) and gate/up into ``mlp.gate_up_proj`` (kernel_t [2, I, D]): the decode step
+    """One decoder layer's `to_out_in` params with q/k/v fused into ``self_attn.qkv_proj`` (kernel_t [Hkv, rep + 2,
+    hd, D], bias [Hkv, rep + 2, hd]: per KV group its rep = Hq/Hkv query heads, its key, its value) and gate/up into
+    ``mlp.gate_up_proj`` (kernel_t [I, 2, D]). Both keep the tensor-parallel axis (KV heads, the MLP width) leading
+    and the fused pieces inside it, so a mesh that shards heads or the MLP splits them without moving data. The decode
+    step
     ("out_in") reads each pair of weights in one product instead of two or three smaller ones, which XLA:CPU's GEMM
     streams more slowly (per-product overhead, and two threads sharing independent small products)."""
     a, m = layer_t["self_attn"], layer_t["mlp"]
-    qkv = {"kernel_t": jnp.concatenate([a[n]["kernel_t"] for n in ("q_proj", "k_proj", "v_proj")], axis=0),
-           "bias": jnp.concatenate([a[n]["bias"] for n in ("q_proj", "k_proj", "v_proj")], axis=0)}
-    gate_up = {"kernel_t": jnp.stack([m["gate_proj"]["kernel_t"], m["up_proj"]["kernel_t"]], axis=0)}
+    nkv = a["k_proj"]["kernel_t"].shape[0]
+
+    def grouped(name, field):            # [H, hd, ...] -> [Hkv, H / Hkv, hd, ...]
+        w = a[name][field]
+        return w.reshape((nkv, w.shape[0] // nkv) + w.shape[1:])
+    qkv = {f: jnp.concatenate([grouped(n, f) for n in ("q_proj", "k_proj", "v_proj")], axis=1)
+           for f in ("kernel_t", "bias")}
+    gate_up = {"kernel_t": jnp.stack([m["gate_proj"]["kernel_t"], m["up_proj"]["kernel_t"]], axis=1)}
     return {**layer_t, "self_attn": {"qkv_proj": qkv, "o_proj": a["o_proj"]},
             "mlp": {"gate_up_proj": gate_up, "down_proj": m["down_proj"]}}
 
