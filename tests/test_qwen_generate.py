@@ -201,6 +201,26 @@ def test_fused_decode_layer_equals_flax_layer(setup, tokens, highest_precision):
     np.testing.assert_allclose(outs["out_in"], outs["in_out"], atol=1e-5, rtol=0)
 
 
+def test_greedy_select_on_vocab_major_logits():
+    """Greedy selection on [vocab, B] logits (the CPU decode step's head output, `step_logits`) picks the token
+    argmax picks on [B, vocab] (ties -> the lowest id) with the same log-prob; sampling refuses that layout."""
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 300)).astype(np.float32)
+    logits[1, [17, 40, 250]] = 9.0                                   # a three-way tie at the max
+    logits[3, [0, 299]] = 7.5
+    key = jax.random.key(0)
+    tok_bv, lp_bv = gen_lib._select(jnp.asarray(logits), key, 0.0, None, None)
+    tok_vb, lp_vb = gen_lib._select(jnp.asarray(logits.T), key, 0.0, None, None, vocab_axis=0)
+    np.testing.assert_array_equal(np.asarray(tok_vb), np.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(np.asarray(tok_vb), np.asarray(tok_bv))
+    want = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))[np.arange(5), np.argmax(logits, axis=-1)]
+    np.testing.assert_allclose(np.asarray(lp_vb), want, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(lp_bv), want, atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="sampling"):
+        gen_lib._select(jnp.asarray(logits.T), key, 1.0, None, None, vocab_axis=0)
+
+
 def test_rotary_table_equals_per_step_rotary(setup):
     """The decode loop's (cos, sin) table, made once before it (`rotary_table`), holds at step i what the step would
     compute from its M-RoPE position ids next_pos + i (all three axes equal for generated text)."""

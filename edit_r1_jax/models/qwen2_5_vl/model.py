@@ -81,6 +81,12 @@ class Qwen25VL(nn.Module):
         out_vbt = jax.lax.dot_general(head_vd.astype(h_btd.dtype), h_btd, (((1,), (2,)), ((), ())))
         return _float_logits(jnp.transpose(out_vbt, (1, 2, 0)))
 
+    def logits_vocab_major(self, h_bd, head_vd):
+        """Logits [vocab, B] float32 of one token per row, as the output-major head's product yields them (no
+        transpose; the greedy decode step reduces over the vocabulary on this layout directly)."""
+        out_vb = jax.lax.dot_general(head_vd.astype(h_bd.dtype), h_bd, (((1,), (1,)), ((), ())))
+        return constrain(out_vb.astype(jnp.float32), ("activation_vocab", "activation_batch"))
+
     def logits(self, h_btd):
         if self.cfg.tie_word_embeddings:
             return _float_logits(self.embed_tokens.attend(h_btd))

@@ -29,8 +29,9 @@ from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
 from edit_r1_jax.models.qwen2_5_vl import text as text_lib
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from edit_r1_jax.models.qwen2_5_vl.generate import (DecodeWeights, _select, checked_decode_layout, decode_logits,
-                                                     rotary_at, rotary_table, round_up, step_weights)
+from edit_r1_jax.models.qwen2_5_vl.generate import (DecodeWeights, _select, checked_decode_layout,
+                                                     rotary_at, rotary_table, round_up, step_logits,
+                                                     step_vocab_axis, step_weights)
 from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _check_image_tokens, _grid_key, embed_inputs, sharding_of
 
 
@@ -70,12 +71,13 @@ def _body(params, prepared, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt,
     layer_params, head_vd = step_weights(cfg, params, prepared, decode_layout)
 
     rotary = rotary_table(cfg, next_pos_b, max_new, dtype)
+    vocab_axis = step_vocab_axis(head_vd, temperature)
 
     def step(mdl, tok_b, i, caches):
         x = mdl.embed(tok_b[:, None])
         h, caches = mdl.decode_step(x, None, jnp.ones((b, 1), jnp.int32), caches, tp + ts + i, kv_seg_bs,
                                     layer_params, decode_layout, rotary=rotary_at(rotary, i))
-        return decode_logits(mdl, h, head_vd)[:, 0], caches
+        return step_logits(mdl, h, head_vd, vocab_axis), caches
 
     variables = {"params": params}
     cache_p = nn.apply(prefill_prefix, module)(variables)                        # 2 x [L, P, Tp, Hkv, hd]
@@ -97,7 +99,7 @@ def _body(params, prepared, pre_ids_pt, pre_mask_pt, pre_pv, gidx_b, suf_ids_bt,
         i, tok, done_, tokens_, logps_, cache_, key = state
         logits, cache_ = nn.apply(step, module)(variables, tok, i, cache_)
         key, sub_ = jax.random.split(key)
-        new_tok, new_lp = _select(logits, sub_, temperature, top_k, top_p)
+        new_tok, new_lp = _select(logits, sub_, temperature, top_k, top_p, vocab_axis)
         new_tok = jnp.where(done_, pad, new_tok)
         new_lp = jnp.where(done_, 0.0, new_lp)
         tokens_ = jax.lax.dynamic_update_slice(tokens_, new_tok[:, None], (0, i + 1))
