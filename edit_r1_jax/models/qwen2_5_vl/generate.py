@@ -81,8 +81,8 @@ def resolve_decode_layout(layout: str) -> str:
 def decode_weights(cfg: Qwen25VLConfig, params: dict, layout: str) -> tuple[list, jax.Array | None]:
     """(per-layer decoder params, LM head [vocab, D] or None) for the decode loop; call once, outside it.
     "out_in": kernels transposed by ``text.to_out_in`` (q/k/v and gate/up fused, ``text.fuse_projections``) and the
-    head output-major, behind an optimization barrier so
-    that XLA cannot fold the transposes back into the loop's dots."""
+    head output-major, behind an optimization barrier so that XLA cannot fold the transposes back into the loop's
+    dots."""
     layer_params = text_lib.unstack_layers(params["layers"], cfg.text.num_hidden_layers)
     if layout == "in_out":
         return layer_params, None

@@ -64,8 +64,8 @@ class Qwen25VL(nn.Module):
     def decode_step(self, x_btd, position_ids, segment_ids, caches, cache_index, kv_segment_ids, layer_params,
                     kernel_layout: str = "in_out", rotary=None):
         """``decode`` for a KV-cache decode step: layers unrolled on ``layer_params`` (``text.unstack_layers``, each
-        through ``text.to_out_in`` for ``kernel_layout="out_in"``), per-layer caches K [B, Hkv, hd, S], V [B, Hkv, S, hd]
-        (``text.stack_cache_to_step``). ``rotary``: (cos, sin) [B, T, hd] of ``position_ids`` made beforehand
+        through ``text.to_out_in`` and ``text.fuse_projections`` for ``kernel_layout="out_in"``), per-layer caches
+        K [B, Hkv, hd, S], V [B, Hkv, S, hd] (``text.stack_cache_to_step``). ``rotary``: (cos, sin) [B, T, hd] of ``position_ids`` made beforehand
         (``rotary_table``), else made here. -> (hidden [B,T,D] normed, new caches)."""
         t = self.cfg.text
         x_btd = constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))

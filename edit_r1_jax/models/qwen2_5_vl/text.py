@@ -214,9 +214,8 @@ def fuse_projections(layer_t: dict) -> dict:
     hd, D], bias [Hkv, rep + 2, hd]: per KV group its rep = Hq/Hkv query heads, its key, its value) and gate/up into
     ``mlp.gate_up_proj`` (kernel_t [I, 2, D]). Both keep the tensor-parallel axis (KV heads, the MLP width) leading
     and the fused pieces inside it, so a mesh that shards heads or the MLP splits them without moving data. The decode
-    step
-    ("out_in") reads each pair of weights in one product instead of two or three smaller ones, which XLA:CPU's GEMM
-    streams more slowly (per-product overhead, and two threads sharing independent small products)."""
+    step ("out_in") reads them in one product each instead of three and two smaller ones (fewer ops per step; A/B in
+    BENCHMARKS.md "Session 7")."""
     a, m = layer_t["self_attn"], layer_t["mlp"]
     nkv = a["k_proj"]["kernel_t"].shape[0]
 
