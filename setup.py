@@ -45,6 +45,7 @@ setup(
     version="0.1.0",
     description="Edit-R1 (reasoning reward model + Flow-GRPO editor training) in JAX/Flax for TPU pod slices",
     packages=find_packages(include=["edit_r1_jax", "edit_r1_jax.*"]),
+    package_data={"edit_r1_jax.native": ["*.cc"]},   # native CPU kernels, compiled on first use (native/build.py)
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

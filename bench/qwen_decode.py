@@ -24,7 +24,11 @@ dependency order (`chain_floor_fn`), ``chain_ceiling_ratio`` the whole-generate 
 that floor. ``floor_one_row_ms`` is the weight floor for a single row (the same products on one row instead of 8):
 XLA:CPU's kernel then streams the weights at the machine's read rate, while for 8 rows it takes about that time plus
 the 8 rows' arithmetic (not overlapped with the reads; ``rows_cost_ratio`` = 8-row floor / 1-row floor), so the
-8-row floor is the kernel's, not the memory's. Everything is timed in alternation (``timing.time_interleaved``).
+8-row floor is the kernel's, not the memory's. Where the native decode kernel builds (``decode_layout`` "panel",
+`native.panel_matmul`), ``ours`` uses it and the run also times the XLA weight-left form with held weights
+(``ratio_out_in``, ``ours_step_out_in_ms``, ``ours_prefill_out_in_ms``), the kernel's own weight floor
+(``floor_panel_ms``, ``panel_vs_out_in_floor``) and ``panel_vs_out_in_generate`` (generate time, kernel / XLA).
+Everything is timed in alternation (``timing.time_interleaved``).
 """
 from __future__ import annotations
 
@@ -86,28 +90,35 @@ def weight_floor_fn(mats, rows: int, steps: int = 32, layout: str = "in_out"):
     carried dependency so nothing is hoisted: the decode loop's weight traffic and nothing else, with the weights
     re-read every iteration exactly as a decode loop re-reads them (cache-warm where they fit). Divide by steps.
     ``layout``: "in_out" computes ``x @ W`` (W [in, out] the right operand), "out_in" ``W^T x^T`` with W^T
-    [out, in] materialised beforehand as the left operand (what ``generate``'s CPU decode step does)."""
+    [out, in] materialised beforehand as the left operand (``generate``'s CPU decode step without the native
+    kernel), "panel" the native kernel on W packed beforehand (`native.panel_matmul`; the step with it)."""
     import jax
     import jax.numpy as jnp
+    from edit_r1_jax.native import panel_matmul as pm
     xs = {m.shape[0]: jnp.ones((rows, m.shape[0]), jnp.float32) for m in mats}
+    n_out = [m.shape[1] for m in mats]
     if layout == "out_in":
         mats = [jnp.asarray(np.ascontiguousarray(np.asarray(m).T)) for m in mats]
+    elif layout == "panel":
+        mats = [pm.pack_panels(jnp.asarray(np.asarray(m).T)) for m in mats]
 
-    def product(x, m):
+    def product(x, m, o):
         if layout == "out_in":
             return jax.lax.dot_general(m, x, (((1,), (1,)), ((), ())))
+        if layout == "panel":
+            return pm.panel_matmul(m, x, o)
         return x @ m
 
     @jax.jit
     def loop(xs, mats):
         def body(i, acc):
-            return acc * 1e-30 + sum(jnp.sum(product(xs[m.shape[-1 if layout == "out_in" else 0]] + acc, m))
-                                     for m in mats)
+            return acc * 1e-30 + sum(jnp.sum(product(xs[m.shape[0 if layout == "in_out" else 1]] + acc, m, o))
+                                     for m, o in zip(mats, n_out))
         return jax.lax.fori_loop(0, steps, body, jnp.float32(0))
     return lambda: loop(xs, mats)
 
 
-def chain_floor_fn(dw, rows: int, steps: int = 32):
+def chain_floor_fn(cfg, dw, rows: int, steps: int = 32):
     """The decode step's weight reads in their data dependencies: per layer q/k/v from x (one fused product, as in
     the step), o from q (attention replaced by the identity), gate/up from x (fused), down from their product, then
     the LM head, each product in the step's own weight-left form on ``generate``'s held decode weights ``dw``; no
@@ -116,24 +127,30 @@ def chain_floor_fn(dw, rows: int, steps: int = 32):
     import jax
     import jax.numpy as jnp
 
-    def gemv(w, x_rd, n_in=1):                           # w [out..., in...] (n_in input axes) -> [rows, out]
-        w2 = w.reshape(math.prod(w.shape[:w.ndim - n_in]), -1)
+    from edit_r1_jax.native import panel_matmul as pm
+    d = cfg.text.hidden_size
+    n_q = cfg.text.num_attention_heads * cfg.text.head_dim
+
+    def gemv(p, x_rd, n_out):                # p: {"kernel_t": [out..., in...]} or {"kernel_p": panels} -> [rows, out]
+        if "kernel_p" in p:
+            return pm.panel_matmul(p["kernel_p"], x_rd, n_out)
+        w2 = p["kernel_t"].reshape(n_out, -1)
         return jnp.moveaxis(jax.lax.dot_general(w2, x_rd[:, None, :], (((1,), (2,)), ((), ()))), 0, -1)[:, 0]
 
     @jax.jit
-    def loop(x_rd, layers, head_vd):
+    def loop(x_rd, layers, head):
         def body(i, x):
             for p in layers:
                 a, m = p["self_attn"], p["mlp"]
-                qkv = gemv(a["qkv_proj"]["kernel_t"], x)                  # [rows, Hkv (rep + 2) hd]
-                n_q = math.prod(a["o_proj"]["kernel_t"].shape[1:])
+                qkv = gemv(a["qkv_proj"], x, n_q + 2 * cfg.text.num_key_value_heads * cfg.text.head_dim)
                 q = qkv[:, :n_q] + 1e-30 * jnp.sum(qkv[:, n_q:])          # (which columns does not matter here)
-                x = x + gemv(a["o_proj"]["kernel_t"], q, n_in=2)
-                gu = gemv(m["gate_up_proj"]["kernel_t"], x)                # [rows, I 2]
-                x = x + gemv(m["down_proj"]["kernel_t"], gu[:, 0::2] * gu[:, 1::2]) * 1e-3
-            return x + 1e-30 * jnp.sum(gemv(head_vd, x))
+                x = x + gemv(a["o_proj"], q, d)
+                gu = gemv(m["gate_up_proj"], x, 2 * cfg.text.intermediate_size)     # [rows, I 2]
+                x = x + gemv(m["down_proj"], gu[:, 0::2] * gu[:, 1::2], d) * 1e-3
+            head_p = {"kernel_p": head.kernel_p} if dw.layout == "panel" else {"kernel_t": head}
+            return x + 1e-30 * jnp.sum(gemv(head_p, x, cfg.text.vocab_size))
         return jax.lax.fori_loop(0, steps, body, x_rd)
-    x0 = jnp.ones((rows, dw.head_vd.shape[1]), jnp.float32) * 0.01
+    x0 = jnp.ones((rows, d), jnp.float32) * 0.01
     return lambda: loop(x0, dw.layers, dw.head_vd)
 
 
@@ -164,11 +181,16 @@ def main():
 
     prep = timing.time_fn(lambda: q.prepare_decode(cfg, params), warmup=1, repeat=3,
                           sync=lambda d: timing.block((d.layers, d.head_vd)))
-    dw = q.prepare_decode(cfg, params)
+    dw = q.prepare_decode(cfg, params)                       # "auto": "panel" where the native kernel builds
+    dw_oi = q.prepare_decode(cfg, params, "out_in")          # XLA's weight-left product, for comparison
     run_ours = lambda: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=NEW,  # noqa: E731
                                   eos_token_id=[], decode_weights=dw)
     run_ours_1 = lambda: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=1,  # noqa: E731
                                     eos_token_id=[], decode_weights=dw)
+    run_ours_oi = lambda: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=NEW,  # noqa: E731
+                                     eos_token_id=[], decode_weights=dw_oi)
+    run_ours_oi_1 = lambda: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=1,  # noqa: E731
+                                       eos_token_id=[], decode_weights=dw_oi)
     run_ours_per_call = lambda: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=NEW,  # noqa: E731
                                            eos_token_id=[])
     first = timing.time_fn(run_ours, warmup=1, repeat=1)
@@ -181,7 +203,12 @@ def main():
     floor_io = weight_floor_fn(mats, BATCH, floor_steps, "in_out")
     floor_oi = weight_floor_fn(mats, BATCH, floor_steps, "out_in")
     floor_1 = weight_floor_fn(mats, 1, floor_steps, "out_in")
-    floor_chain = chain_floor_fn(dw, BATCH, floor_steps)
+    floor_chain = chain_floor_fn(cfg, dw, BATCH, floor_steps)
+    native = dw.layout == "panel"
+    extra = {}
+    if native:
+        extra = {"ours_out_in": (run_ours_oi, timing.block), "ours_out_in_1": (run_ours_oi_1, timing.block),
+                 "floor_panel": (weight_floor_fn(mats, BATCH, floor_steps, "panel"), timing.block)}
     # everything timed in alternation so the VM's drifting memory bandwidth hits each alike
     tt = timing.time_interleaved({"torch": (run_torch, lambda x: x), "ours": (run_ours, timing.block),
                                   "torch_1": (run_torch_1, lambda x: x), "ours_1": (run_ours_1, timing.block),
@@ -190,12 +217,12 @@ def main():
                                   "ours_per_call": (run_ours_per_call, timing.block),
                                   "floor_in_out": (floor_io, timing.block), "floor_out_in": (floor_oi, timing.block),
                                   "floor_one_row": (floor_1, timing.block),
-                                  "floor_chain": (floor_chain, timing.block)},
+                                  "floor_chain": (floor_chain, timing.block), **extra},
                                  rounds=5)
     med = {k: v["median_s"] for k, v in tt.items()}
     agree = float(np.mean(np.asarray(run_ours()[0]) == run_torch()[:, ids.shape[1]:].numpy()))
     tps_torch, tps_ours = BATCH * NEW / med["torch"], BATCH * NEW / med["ours"]
-    floor_s = min(med["floor_in_out"], med["floor_out_in"]) / floor_steps      # the faster form is the floor
+    floor_s = min(med[k] for k in ("floor_in_out", "floor_out_in", "floor_panel") if k in med) / floor_steps
     step_torch = (med["torch"] - med["torch_1"]) / (NEW - 1)      # one decode step, prefill excluded
     step_ours = (med["ours"] - med["ours_1"]) / (NEW - 1)
     step_ours_io = (med["ours_in_out"] - med["ours_in_out_1"]) / (NEW - 1)
@@ -211,6 +238,18 @@ def main():
           f"{med['floor_out_in'] / floor_steps * 1e3:.2f} ms -> ceiling ratio {ceiling:.2f}x; in the step's "
           f"dependency order {chain_s * 1e3:.2f} ms -> {chain_ceiling:.2f}x; one row instead of {BATCH} "
           f"{med['floor_one_row'] / floor_steps * 1e3:.2f} ms")
+    native_fields = {}
+    if native:
+        step_oi = (med["ours_out_in"] - med["ours_out_in_1"]) / (NEW - 1)
+        native_fields = dict(ratio_out_in=med["torch"] / med["ours_out_in"], ours_step_out_in_ms=step_oi * 1e3,
+                             ours_prefill_out_in_ms=med["ours_out_in_1"] * 1e3,
+                             floor_panel_ms=med["floor_panel"] / floor_steps * 1e3,
+                             panel_vs_out_in_floor=med["floor_panel"] / med["floor_out_in"],
+                             panel_vs_out_in_generate=med["ours"] / med["ours_out_in"])
+        print(f"native kernel (decode layout 'panel'): step {step_ours * 1e3:.2f} ms vs XLA weight-left "
+              f"{step_oi * 1e3:.2f} ms; weight floor {med['floor_panel'] / floor_steps * 1e3:.2f} ms vs "
+              f"{med['floor_out_in'] / floor_steps * 1e3:.2f} ms; generate time ratio "
+              f"{med['ours'] / med['ours_out_in']:.3f}")
     timing.report("qwen_decode", "ours >= 3x transformers generate tokens/s", tps_ours / tps_torch,
                   torch_tok_s=tps_torch, ours_tok_s=tps_ours, ours_compile_est_s=first["compile_est_s"],
                   greedy_token_agreement=agree, batch=BATCH, new_tokens=NEW, params_m=q.num_params(cfg) / 1e6,
@@ -226,7 +265,8 @@ def main():
                   weight_mb=weight_mb,
                   ceiling_ratio=ceiling, decode_step_ceiling=step_torch / floor_s,
                   floor_efficiency=floor_s / step_ours, chain_floor_ms=chain_s * 1e3,
-                  chain_ceiling_ratio=chain_ceiling, chain_floor_efficiency=chain_s / step_ours)
+                  chain_ceiling_ratio=chain_ceiling, chain_floor_efficiency=chain_s / step_ours,
+                  decode_layout=dw.layout, **native_fields)
 
 if __name__ == "__main__":
     main()

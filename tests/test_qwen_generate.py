@@ -3,6 +3,7 @@ EOS/padding, and cache-length buckets (fp32, highest matmul precision)."""
 import importlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -116,27 +117,38 @@ def test_prompt_length_buckets_do_not_recompile(setup):
 @pytest.mark.parametrize("tie", [False, True])
 def test_decode_weight_layouts_agree(tmp_path, tie, highest_precision):
     """The CPU decode step's output-major weights ("out_in": kernels transposed, weight as the dot's left operand)
-    give the tokens and log-probs of the Flax-layout step ("in_out"), for an untied LM head and a tied one."""
+    and its native-kernel panels ("panel": `native.panel_matmul`) give the tokens and log-probs of the Flax-layout
+    step ("in_out"), for an untied LM head and a tied one."""
+    from edit_r1_jax.native import panel_matmul
     model = T.tiny_torch_model(tie=tie, seed=3)
     model.save_pretrained(str(tmp_path))
     cfg, params = q.load_pretrained(str(tmp_path))
     grid = np.array([[1, 4, 6]])
     pv = T.pixel_values_for(grid, seed=1)
     ids, mask = pad_rows([[1, 5] + T.image_tokens(grid[0]) + [7, 3], [1, 9, 8, 7]], "left")
+    layouts = ("in_out", "out_in", "panel")
     outs = {lay: q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=16, eos_token_id=[],
-                            decode_layout=lay) for lay in ("in_out", "out_in")}
-    np.testing.assert_array_equal(np.asarray(outs["out_in"][0]), np.asarray(outs["in_out"][0]))
-    np.testing.assert_allclose(np.asarray(outs["out_in"][1]), np.asarray(outs["in_out"][1]), atol=1e-6, rtol=0)
-    assert gen_lib.resolve_decode_layout("auto") == "out_in"          # tests run on CPU
+                            decode_layout=lay) for lay in layouts}
+    for lay in ("out_in", "panel"):
+        np.testing.assert_array_equal(np.asarray(outs[lay][0]), np.asarray(outs["in_out"][0]))
+        np.testing.assert_allclose(np.asarray(outs[lay][1]), np.asarray(outs["in_out"][1]), atol=1e-6, rtol=0)
+    # tests run on CPU: "auto" takes the native kernel where it is built and the CPU has AVX-512
+    assert gen_lib.resolve_decode_layout("auto", params) == ("panel" if panel_matmul.preferred() else "out_in")
+    assert gen_lib.resolve_decode_layout("auto", jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)) == "out_in"
     with pytest.raises(ValueError, match="decode_layout"):
         q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2, decode_layout="rows")
-    # weights prepared once and held by the caller give the same tokens and log-probs, in either layout
-    for lay in ("in_out", "out_in"):
-        dw = q.prepare_decode(cfg, params, lay)
+    # weights prepared once and held by the caller give the same tokens and log-probs, in every layout
+    held_weights = {}
+    for lay in layouts:
+        dw = held_weights[lay] = q.prepare_decode(cfg, params, lay)
         assert dw.layout == lay and len(dw.layers) == cfg.text.num_hidden_layers
         held = q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=16, eos_token_id=[], decode_weights=dw)
         np.testing.assert_array_equal(np.asarray(held[0]), np.asarray(outs[lay][0]))
         np.testing.assert_allclose(np.asarray(held[1]), np.asarray(outs[lay][1]), atol=1e-6, rtol=0)
+    head_p = held_weights["panel"].head_vd
+    assert head_p.vocab == cfg.text.vocab_size
+    assert head_p.kernel_p.shape == (-(-cfg.text.vocab_size // 32), cfg.text.hidden_size, 32)
+    dw = held_weights["out_in"]
     assert dw.head_vd.shape == (cfg.text.vocab_size, cfg.text.hidden_size)
     with pytest.raises(ValueError, match="prepared for 'out_in'"):
         q.generate(cfg, params, ids, mask, max_new_tokens=2, decode_layout="in_out", decode_weights=dw)
@@ -173,7 +185,8 @@ def test_dense_out_in_equals_dense(tokens):
 def test_fused_decode_layer_equals_flax_layer(setup, tokens, highest_precision):
     """A decoder layer on `to_out_in` + `fuse_projections` weights (q/k/v and gate/up read as one product each, the
     CPU decode step's form) equals the Flax-layout layer, at 3 tokens (the weight as the dot's left operand) and 40
-    (x on the left, the prefill's GEMM); the fused kernels hold the separate ones in order."""
+    (x on the left, the prefill's GEMM); the fused kernels hold the separate ones in order. The same for those
+    weights packed in panels (`to_panels`: the native kernel at 3 tokens, XLA on the panels at 40)."""
     import jax.numpy as jnp
     from edit_r1_jax.models.qwen2_5_vl import text
     _, cfg, params, *_ = setup
@@ -195,10 +208,11 @@ def test_fused_decode_layer_equals_flax_layer(setup, tokens, highest_precision):
     pos = jnp.broadcast_to(jnp.arange(tokens)[None, None], (3, 2, tokens))
     cos, sin = text.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section, jnp.float32)
     outs = {}
-    for lay, p in (("in_out", layer), ("out_in", fused)):
+    for lay, p in (("in_out", layer), ("out_in", fused), ("panel", text.to_panels(fused))):
         mod = text.DecoderLayer(t, "xla", False, "bshd", lay)
         outs[lay] = np.asarray(mod.apply({"params": p}, x, None, cos, sin, None, None, None)[0])
     np.testing.assert_allclose(outs["out_in"], outs["in_out"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(outs["panel"], outs["in_out"], atol=1e-5, rtol=0)    # native kernel at 3 tokens
 
 
 def test_greedy_select_on_vocab_major_logits():
@@ -253,7 +267,8 @@ def test_cpu_decode_step_reads_weights_as_left_operand(setup, monkeypatch):
         hlo["text"] = real.lower(*args, **kw).compile().as_text()
         return real(*args, **kw)
     monkeypatch.setattr(gen_lib, "_generate_jit", spy)
-    q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2, decode_weights=q.prepare_decode(cfg, params))
+    q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2,
+               decode_weights=q.prepare_decode(cfg, params, "out_in"))
     t = cfg.text
     # q/k/v and gate/up are read as one product each (text.fuse_projections)
     out_features = {"qkv_proj": (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim,
@@ -265,6 +280,30 @@ def test_cpu_decode_step_reads_weights_as_left_operand(setup, monkeypatch):
         found.append(name)
         assert dims[0] == out_features[name] and dims[1] == len(rows), (name, dims)
     assert sorted(set(found)) == sorted(out_features) and len(found) == 4 * t.num_hidden_layers
+
+
+def test_panel_decode_step_runs_native_kernel(setup, monkeypatch):
+    """Decode layout "panel": in the compiled decode loop every projection (4 per layer after fusion) and the LM head
+    is the native kernel's custom call with the step's rows, and no projection is left to an XLA dot."""
+    import re
+    _, cfg, params, grid, pv, rows = setup
+    ids, mask = pad_rows(rows, "left")
+    hlo = {}
+    real = gen_lib._generate_jit
+
+    def spy(*args, **kw):
+        hlo["text"] = real.lower(*args, **kw).compile().as_text()
+        return real(*args, **kw)
+    monkeypatch.setattr(gen_lib, "_generate_jit", spy)
+    q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2, decode_weights=q.prepare_decode(cfg, params,
+                                                                                                     "panel"))
+    body = [ln for ln in hlo["text"].splitlines()                # the decode loop (not the vision tower's scan)
+            if "/while/body/Qwen25VL." in ln and "encode_images" not in ln]
+    calls = [ln for ln in body if 'custom_call_target="edit_r1_panel_matmul"' in ln]
+    assert len(calls) == 4 * cfg.text.num_hidden_layers + 1
+    for ln in calls:
+        assert re.search(rf"= f32\[{len(rows)},\d+\]", ln), ln
+    assert not [ln for ln in body if re.search(r"_proj/dot_general", ln)]
 
 
 @pytest.mark.parametrize("held", [False, True])

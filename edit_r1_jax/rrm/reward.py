@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_r1_jax.models import qwen2_5_vl as qwen
-from edit_r1_jax.models.qwen2_5_vl.generate import resolve_decode_layout
+from edit_r1_jax.models.qwen2_5_vl.generate import HELD_LAYOUTS, resolve_decode_layout
 from edit_r1_jax.rrm import parse as parse_lib
 from edit_r1_jax.rrm import prompts
 from edit_r1_jax.rrm.inputs import RRMInputs, pad_batch
@@ -229,7 +229,7 @@ class RewardModel:
     def decode_weights(self):
         """`qwen2_5_vl.prepare_decode` of ``params``, made at the first generation and held across batches, on CPU
         only (there it saves every call's kernel transposes; on accelerators it would only copy the weights)."""
-        if resolve_decode_layout("auto") != "out_in":
+        if resolve_decode_layout("auto", self.params) not in HELD_LAYOUTS:
             return None
         if self._held_decode is None:
             self._held_decode = qwen.prepare_decode(self.cfg, self.params)

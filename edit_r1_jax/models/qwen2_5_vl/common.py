@@ -89,13 +89,49 @@ class DenseOutIn(nn.Module):
         return y
 
 
-KERNEL_LAYOUTS = ("in_out", "out_in")
+class DensePanel(nn.Module):
+    """``dense`` with the kernel packed in panels of 32 outputs, ``kernel_p`` [ceil(O / 32), K, 32] (O, K: the
+    products of the output and input axes; `native.panel_matmul.pack_panels` of the [O, K] output-major kernel).
+    For a decode step's few rows (<= ``OUT_IN_MAX_LEFT_WEIGHT_ROWS``) the product runs in the native CPU kernel
+    (`native.panel_matmul`, which streams the weights once for all rows); for more rows (the prefill) in XLA.
+    Same result as ``dense``. Never initialised: its params come from `text.to_panels`."""
+    features: int | tuple[int, ...]
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        from edit_r1_jax.native import panel_matmul as pm
+        feats = self.features if isinstance(self.features, tuple) else (self.features,)
+        axes = tuple(a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
+        n_in = len(axes)
+        if axes != tuple(range(x.ndim - n_in, x.ndim)):
+            raise ValueError(f"DensePanel contracts trailing axes only, got axis={self.axis} for x {x.shape}")
+        n_out, k = math.prod(feats), math.prod(x.shape[x.ndim - n_in:])
+        kernel_p = self.param("kernel_p", nn.initializers.zeros, (pm.num_panels(n_out), k, pm.PANEL), x.dtype)
+        x_nk = x.reshape(-1, k)                                                                # [rows, in]
+        if x_nk.shape[0] <= OUT_IN_MAX_LEFT_WEIGHT_ROWS:
+            y = pm.panel_matmul(kernel_p, x_nk, n_out)                                         # [rows, out]
+        else:
+            y = pm.panel_matmul_xla(kernel_p, x_nk, n_out)
+        y = y.reshape(x.shape[:x.ndim - n_in] + feats)                                         # [batch..., out...]
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, feats, x.dtype).astype(y.dtype)
+        return y
+
+
+KERNEL_LAYOUTS = ("in_out", "out_in", "panel")
+# layouts whose decoder layer reads `text.fuse_projections`' fused qkv_proj and gate_up_proj
+FUSED_KERNEL_LAYOUTS = ("out_in", "panel")
 
 
 def dense_in_layout(layout: str, features, axes: Sequence[str | None], *, use_bias: bool, name: str, axis=-1):
-    """``dense`` ("in_out": Flax's kernel [in..., out...]) or `DenseOutIn` ("out_in": ``kernel_t``)."""
+    """``dense`` ("in_out": Flax's kernel [in..., out...]), `DenseOutIn` ("out_in": ``kernel_t``) or `DensePanel`
+    ("panel": ``kernel_p``)."""
     if layout == "out_in":
         return DenseOutIn(features, axis=axis, use_bias=use_bias, name=name)
+    if layout == "panel":
+        return DensePanel(features, axis=axis, use_bias=use_bias, name=name)
     if layout != "in_out":
         raise ValueError(f"kernel layout {layout!r}: expected one of {KERNEL_LAYOUTS}")
     return dense(features, axes, use_bias=use_bias, name=name, axis=axis)

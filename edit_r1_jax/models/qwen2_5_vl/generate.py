@@ -24,7 +24,7 @@ from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
 from edit_r1_jax.models.qwen2_5_vl import text as text_lib
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
-from edit_r1_jax.models.qwen2_5_vl.model import Qwen25VL, _prep, embed_inputs, sharding_of
+from edit_r1_jax.models.qwen2_5_vl.model import HeadPanels, Qwen25VL, _prep, embed_inputs, sharding_of
 
 
 def round_up(n: int, m: int) -> int:
@@ -63,32 +63,54 @@ def _select(logits_bv, key, temperature, top_k, top_p, vocab_axis: int = -1):
     return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
 
-DECODE_LAYOUTS = ("auto", "in_out", "out_in")
+DECODE_LAYOUTS = ("auto", "in_out", "out_in", "panel")
+HELD_LAYOUTS = ("out_in", "panel")     # layouts whose decode weights are a re-laid-out copy worth holding (CPU)
 
 
-def resolve_decode_layout(layout: str) -> str:
-    """The decode step's weight layout. "auto": "out_in" on CPU, where XLA's library GEMM streams an output-major
-    weight given as the left operand about twice as fast as the [in, out] right operand for the step's few rows
-    (memory-bound; bench/qwen_decode.py), else "in_out" (GPU/TPU compilers pick layouts themselves, and the
-    transposed copy would double the weights' memory during generation)."""
+def resolve_decode_layout(layout: str, params: dict | None = None) -> str:
+    """The decode step's weight layout. "auto" on CPU: "panel" (the native kernel `native.panel_matmul`, which
+    streams a step's weights once for all its rows; 0.65 of XLA's product time for 8 rows, BENCHMARKS.md session 8)
+    where it builds and the CPU has AVX-512, the params are float32 and not sharded over several devices (the custom
+    call has no partitioning rule: on a mesh XLA would gather its weights every step); else "out_in" (XLA's library
+    GEMM streams an output-major weight given as the left operand about twice as fast as the [in, out] right
+    operand for the step's few rows). On GPU/TPU "in_out" (their compilers pick layouts themselves, and a re-laid-out
+    copy would double the weights' memory during generation)."""
     if layout not in DECODE_LAYOUTS:
         raise ValueError(f"decode_layout={layout!r}: expected one of {DECODE_LAYOUTS}")
-    if layout == "auto":
-        return "out_in" if jax.default_backend() == "cpu" else "in_out"
-    return layout
+    if layout != "auto":
+        return layout
+    if jax.default_backend() != "cpu":
+        return "in_out"
+    return "panel" if _panel_fits(params) else "out_in"
 
 
-def decode_weights(cfg: Qwen25VLConfig, params: dict, layout: str) -> tuple[list, jax.Array | None]:
-    """(per-layer decoder params, LM head [vocab, D] or None) for the decode loop; call once, outside it.
+def _panel_fits(params: dict | None) -> bool:
+    from edit_r1_jax.native import panel_matmul
+    if params is not None:
+        if params["embed_tokens"]["embedding"].dtype != jnp.float32:
+            return False
+        sharding = sharding_of(params)
+        if sharding is not None and sharding[0].size > 1:
+            return False
+    return panel_matmul.preferred()
+
+
+def decode_weights(cfg: Qwen25VLConfig, params: dict, layout: str) -> tuple[list, jax.Array | HeadPanels | None]:
+    """(per-layer decoder params, LM head) for the decode loop; call once, outside it.
+    "in_out": the scanned stack's layers unstacked, head None (``params``' own head is used).
     "out_in": kernels transposed by ``text.to_out_in`` (q/k/v and gate/up fused, ``text.fuse_projections``) and the
-    head output-major, behind an optimization barrier so that XLA cannot fold the transposes back into the loop's
-    dots."""
+    head output-major [vocab, D], behind an optimization barrier so that XLA cannot fold the transposes back into
+    the loop's dots. "panel": those kernels packed for the native kernel (``text.to_panels``), head `HeadPanels`."""
     layer_params = text_lib.unstack_layers(params["layers"], cfg.text.num_hidden_layers)
     if layout == "in_out":
         return layer_params, None
     head_vd = params["embed_tokens"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"].T
-    return jax.lax.optimization_barrier(([text_lib.fuse_projections(text_lib.to_out_in(p)) for p in layer_params],
-                                        head_vd))
+    layers = [text_lib.fuse_projections(text_lib.to_out_in(p)) for p in layer_params]
+    if layout == "panel":
+        from edit_r1_jax.native.panel_matmul import pack_panels
+        layers = [text_lib.to_panels(p) for p in layers]
+        return jax.lax.optimization_barrier((layers, HeadPanels(pack_panels(head_vd), head_vd.shape[0])))
+    return jax.lax.optimization_barrier((layers, head_vd))
 
 
 @flax.struct.dataclass
@@ -97,11 +119,13 @@ class DecodeWeights:
     generates many times with the same parameters (a reward model scoring batch after batch) so that ``generate``
     does not re-make them on every call. It is a second copy of the decoder's weights next to ``params``.
 
-    layers: per-layer param trees (torch ``layers.i``), kernels output-major (``kernel_t``) for "out_in";
-    head_vd: the LM head [vocab, D] for "out_in", None for "in_out" (``params``' own head is used);
-    layout: "in_out" or "out_in" (`resolve_decode_layout`)."""
+    layers: per-layer param trees (torch ``layers.i``), kernels output-major (``kernel_t``) for "out_in", packed in
+    panels (``kernel_p``) for "panel";
+    head_vd: the LM head, [vocab, D] for "out_in", `HeadPanels` for "panel", None for "in_out" (``params``' own
+    head is used);
+    layout: "in_out", "out_in" or "panel" (`resolve_decode_layout`)."""
     layers: tuple
-    head_vd: jax.Array | None
+    head_vd: jax.Array | HeadPanels | None
     layout: str = flax.struct.field(pytree_node=False)
 
 
@@ -112,15 +136,16 @@ def prepare_decode(cfg: Qwen25VLConfig, params: dict, decode_layout: str = "auto
     """``DecodeWeights`` for ``generate(..., decode_weights=...)``: make once, reuse while ``params`` are unchanged
     (remake after every optimizer step of the model itself). On CPU ("out_in") this saves the per-call transposes
     of every projection kernel (20-30 ms per call for the 20 M-parameter benchmark model)."""
-    layout = resolve_decode_layout(decode_layout)
+    layout = resolve_decode_layout(decode_layout, params)
     with sharding_context(*(sharding_of(params) or (None, ()))):
         layer_params, head_vd = _decode_weights_jit(cfg, params, layout)
     return DecodeWeights(tuple(layer_params), head_vd, layout)
 
 
-def checked_decode_layout(cfg: Qwen25VLConfig, decode_layout: str, held: DecodeWeights | None) -> str:
+def checked_decode_layout(cfg: Qwen25VLConfig, decode_layout: str, held: DecodeWeights | None,
+                          params: dict | None = None) -> str:
     """The decode layout a call uses: ``held``'s when weights are held (an explicit other layout is an error)."""
-    layout = resolve_decode_layout(decode_layout)
+    layout = resolve_decode_layout(decode_layout, params)
     if held is None:
         return layout
     if decode_layout != "auto" and layout != held.layout:
@@ -158,7 +183,7 @@ def step_vocab_axis(head_vd, temperature: float) -> int:
     """Where a decode step's logits hold the vocabulary (`step_logits`): 0 ([vocab, B], as the output-major head's
     product yields them) for greedy decoding with the CPU head, whose reductions then read them without a transpose
     (in-loop measurement: head product + selection 0.56 instead of 0.76 ms per step); else -1 ([B, vocab])."""
-    return 0 if head_vd is not None and temperature == 0.0 else -1
+    return 0 if isinstance(head_vd, jax.Array) and temperature == 0.0 else -1
 
 
 def step_logits(mdl, h_b1d, head_vd, vocab_axis: int):
@@ -169,8 +194,12 @@ def step_logits(mdl, h_b1d, head_vd, vocab_axis: int):
 
 
 def decode_logits(mdl, h_btd, head_vd):
-    """Logits of a decode step: ``mdl.logits`` ("in_out", head None) or the output-major head."""
-    return mdl.logits(h_btd) if head_vd is None else mdl.logits_out_in(h_btd, head_vd)
+    """Logits of a decode step: ``mdl.logits`` ("in_out", head None), the output-major head or `HeadPanels`."""
+    if head_vd is None:
+        return mdl.logits(h_btd)
+    if isinstance(head_vd, HeadPanels):
+        return mdl.logits_panels(h_btd, head_vd)
+    return mdl.logits_out_in(h_btd, head_vd)
 
 
 def _generate_impl(params, prepared, ids_bt, mask_bt, pixel_values, rng, eos_arr, pad, *, sharding=None, **static):
@@ -217,10 +246,11 @@ def _generate_body(params, prepared, ids_bt, mask_bt, pixel_values, rng, eos_arr
         return step_logits(mdl, h, head_vd, vocab_axis), caches
 
     variables = {"params": params}
-    # CPU ("out_in") with weights held by the caller: prefill unrolled on them, 20 % faster (bench/qwen_decode.py).
-    # Otherwise the scanned prefill, which runs alongside the transposes `decode_weights` makes (about 5 % faster
-    # than an unrolled prefill waiting for them), and on accelerators keeps compile time flat in depth.
-    prefill = prefill_unrolled if decode_layout == "out_in" and prepared is not None else prefill_scanned
+    # CPU ("out_in", "panel") with weights held by the caller: prefill unrolled on them, 20 % faster
+    # (bench/qwen_decode.py). Otherwise the scanned prefill, which runs alongside the transposes `decode_weights`
+    # makes (about 5 % faster than an unrolled prefill waiting for them), and on accelerators keeps compile time
+    # flat in depth.
+    prefill = prefill_unrolled if decode_layout in HELD_LAYOUTS and prepared is not None else prefill_scanned
     logits0, cache = nn.apply(prefill, module)(variables)          # per layer K [B, Hkv, hd, S], V [B, Hkv, S, hd]
     rng, sub = jax.random.split(rng)
     tok0, lp0 = _select(logits0, sub, temperature, top_k, top_p)
@@ -272,7 +302,7 @@ def generate(cfg: Qwen25VLConfig, params: dict, input_ids, attention_mask=None, 
         raise ValueError(f"temperature={temperature} must be >= 0")
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: rng=jax.random.key(seed)")
-    layout = checked_decode_layout(cfg, decode_layout, decode_weights)
+    layout = checked_decode_layout(cfg, decode_layout, decode_weights, params)
     grid, ids, mask, pv = _prep(cfg, params, input_ids, attention_mask, pixel_values, image_grid_thw)
     b, t = ids.shape
     mask = jnp.ones((b, t), jnp.int32) if mask is None else mask

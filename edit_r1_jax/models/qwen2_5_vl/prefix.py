@@ -183,7 +183,7 @@ def generate_shared_prefix(cfg: Qwen25VLConfig, params: dict, prefix_ids, prefix
     cache_len = round_up(tp + ts + max_new_tokens, bucket)
     rng = jax.random.key(0) if rng is None else rng
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    layout = checked_decode_layout(cfg, "auto", decode_weights)
+    layout = checked_decode_layout(cfg, "auto", decode_weights, params)
     return _jit(params, decode_weights, pre_ids, pre_mask, pre_pv, jnp.asarray(gidx), suf_ids, suf_mask, suf_pv, rng,
                 eos_arr, jnp.int32(pad), cfg=cfg, pre_grid=pre_grid, suf_grid=suf_grid, max_new=int(max_new_tokens),
                 decode_layout=layout,

@@ -23,6 +23,7 @@ there q/k/v and gate/up are fused into one kernel each (``fuse_projections``: ``
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from edit_r1_jax.models import layer_layout, layers
-from edit_r1_jax.models.qwen2_5_vl.common import DenseOutIn, RMSNorm, constrain, dense_in_layout
+from edit_r1_jax.models.qwen2_5_vl.common import FUSED_KERNEL_LAYOUTS, RMSNorm, constrain, dense_in_layout
 from edit_r1_jax.models.qwen2_5_vl.config import TextConfig
 
 _cp = jax.checkpoint_policies
@@ -80,9 +81,9 @@ class Attention(nn.Module):
         c = self.cfg
         hd = c.head_dim
         dense = functools.partial(dense_in_layout, self.kernel_layout)
-        if self.kernel_layout == "out_in":       # q, k, v as one product on `fuse_projections`' qkv_proj
+        if self.kernel_layout in FUSED_KERNEL_LAYOUTS:   # q, k, v as one product on `fuse_projections`' qkv_proj
             nkv, rep = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads
-            qkv = DenseOutIn((nkv, rep + 2, hd), use_bias=True, name="qkv_proj")(x_btd)   # [B, T, Hkv, rep+2, hd]
+            qkv = dense((nkv, rep + 2, hd), (), use_bias=True, name="qkv_proj")(x_btd)  # [B, T, Hkv, rep+2, hd]
             q_bthd = qkv[:, :, :, :rep].reshape(qkv.shape[:2] + (nkv * rep, hd))
             k_bthd, v_bthd = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
         else:
@@ -131,8 +132,8 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.cfg
         dense = functools.partial(dense_in_layout, self.kernel_layout)
-        if self.kernel_layout == "out_in":       # gate and up as one product on `fuse_projections`' gate_up_proj
-            gu = DenseOutIn((c.intermediate_size, 2), name="gate_up_proj")(x)            # [..., I, 2]
+        if self.kernel_layout in FUSED_KERNEL_LAYOUTS:   # gate and up as one product on `fuse_projections`'
+            gu = dense((c.intermediate_size, 2), (), use_bias=False, name="gate_up_proj")(x)    # [..., I, 2]
             g, u = gu[..., 0], gu[..., 1]
         else:
             g = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj")(x)
@@ -227,6 +228,26 @@ def fuse_projections(layer_t: dict) -> dict:
     gate_up = {"kernel_t": jnp.stack([m["gate_proj"]["kernel_t"], m["up_proj"]["kernel_t"]], axis=1)}
     return {**layer_t, "self_attn": {"qkv_proj": qkv, "o_proj": a["o_proj"]},
             "mlp": {"gate_up_proj": gate_up, "down_proj": m["down_proj"]}}
+
+
+def to_panels(layer_fused: dict) -> dict:
+    """One layer's `fuse_projections` params with every ``kernel_t`` [out..., in...] replaced by ``kernel_p``
+    [ceil(O / 32), K, 32] (`common.DensePanel`, the native CPU decode kernel's packing); biases and norms unchanged."""
+    from edit_r1_jax.native.panel_matmul import pack_panels
+    n_in = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "down_proj": 1}
+
+    def convert(tree):
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict) and "kernel_t" in v:
+                kern = v["kernel_t"]
+                n_out = kern.ndim - n_in[k]
+                w_ok = kern.reshape(math.prod(kern.shape[:n_out]), math.prod(kern.shape[n_out:]))
+                out[k] = {**{n: a for n, a in v.items() if n != "kernel_t"}, "kernel_p": pack_panels(w_ok)}
+            else:
+                out[k] = convert(v) if isinstance(v, dict) else v
+        return out
+    return convert(layer_fused)
 
 
 def decode_layers_unrolled(cfg: TextConfig, layer_params: list, x_btd, caches, cos, sin, segment_ids, cache_index,
