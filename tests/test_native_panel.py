@@ -22,7 +22,8 @@ def _case(rows, out, k, seed=0):
     return (rng.standard_normal((out, k)).astype(np.float32), rng.standard_normal((rows, k)).astype(np.float32))
 
 
-@pytest.mark.parametrize("rows,out,k", [(1, 64, 32), (3, 70, 33), (8, 96, 512), (13, 40, 17), (64, 130, 100)])
+@pytest.mark.parametrize("rows,out,k", [(1, 64, 32), (3, 70, 33), (8, 96, 512), (13, 40, 17), (64, 130, 100),
+                                         (517, 200, 96)])
 def test_panel_matmul_equals_float64_product(rows, out, k):
     assert pm.usable(), pm.unavailable_reason()
     w_ok, x_rk = _case(rows, out, k)
@@ -33,10 +34,6 @@ def test_panel_matmul_equals_float64_product(rows, out, k):
     assert got.shape == (rows, out)
     scale = np.abs(x_rk).astype(np.float64) @ np.abs(w_ok).astype(np.float64).T
     assert np.max(np.abs(got - want) / scale) < 1e-6
-    # the XLA form on the same panels (the prefill's) agrees too
-    with jax.default_matmul_precision("highest"):
-        got_xla = np.asarray(pm.panel_matmul_xla(w_p, jnp.asarray(x_rk), out))
-    assert np.max(np.abs(got_xla - want) / scale) < 1e-6
 
 
 def test_pack_panels_round_trip_and_zero_padding():
@@ -78,7 +75,7 @@ def test_panel_matmul_rejects_bad_inputs():
 
 def test_dense_panel_equals_dense():
     """common.DensePanel on `to_panels`-style kernel_p == nn.DenseGeneral on the kernel, for an o_proj-like
-    projection ([H, hd] -> [D], two input axes) with few rows (native kernel) and many (XLA on the panels)."""
+    projection ([H, hd] -> [D], two input axes), with a decode step's few rows and a prefill's many."""
     from edit_r1_jax.models.qwen2_5_vl import common
     rng = np.random.default_rng(0)
     kernel = jnp.asarray(rng.standard_normal((4, 5, 40)), jnp.float32)                    # [H, hd, D]

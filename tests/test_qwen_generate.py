@@ -186,7 +186,7 @@ def test_fused_decode_layer_equals_flax_layer(setup, tokens, highest_precision):
     """A decoder layer on `to_out_in` + `fuse_projections` weights (q/k/v and gate/up read as one product each, the
     CPU decode step's form) equals the Flax-layout layer, at 3 tokens (the weight as the dot's left operand) and 40
     (x on the left, the prefill's GEMM); the fused kernels hold the separate ones in order. The same for those
-    weights packed in panels (`to_panels`: the native kernel at 3 tokens, XLA on the panels at 40)."""
+    weights packed in panels (`to_panels`, the native kernel)."""
     import jax.numpy as jnp
     from edit_r1_jax.models.qwen2_5_vl import text
     _, cfg, params, *_ = setup
@@ -212,7 +212,7 @@ def test_fused_decode_layer_equals_flax_layer(setup, tokens, highest_precision):
         mod = text.DecoderLayer(t, "xla", False, "bshd", lay)
         outs[lay] = np.asarray(mod.apply({"params": p}, x, None, cos, sin, None, None, None)[0])
     np.testing.assert_allclose(outs["out_in"], outs["in_out"], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(outs["panel"], outs["in_out"], atol=1e-5, rtol=0)    # native kernel at 3 tokens
+    np.testing.assert_allclose(outs["panel"], outs["in_out"], atol=1e-5, rtol=0)
 
 
 def test_greedy_select_on_vocab_major_logits():

@@ -1,5 +1,6 @@
-"""The CPU decode step's weight-streaming product as a native kernel: ``y [R, O] = x [R, K] W^T`` for few rows R,
-with W [O, K] held packed in panels of 32 outputs (``w_pk32`` [ceil(O / 32), K, 32], zero-padded).
+"""The CPU decode step's weight-streaming product as a native kernel: ``y [R, O] = x [R, K] W^T``, with W [O, K]
+held packed in panels of 32 outputs (``w_pk32`` [ceil(O / 32), K, 32], zero-padded). Made for a decode step's few
+rows R; for a prefill's hundreds it runs at 0.93 of XLA's GEMM rate, so the prefill uses the same packed copy.
 
 XLA:CPU's library GEMM reads a decode step's weights at the machine's rate for one row but, for 8 rows, adds the
 rows' arithmetic on top of the read time (BENCHMARKS.md, sessions 7-8); ``panel_matmul.cc`` loads each weight vector
@@ -86,9 +87,3 @@ def panel_matmul(w_pk32: jax.Array, x_rk: jax.Array, out_features: int) -> jax.A
         raise ValueError(f"panel_matmul is float32 only, got weights {w_pk32.dtype}, x {x_rk.dtype}")
     y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_rk.shape[0], p * PANEL), jnp.float32))(w_pk32, x_rk)
     return y[:, :out_features]
-
-
-def panel_matmul_xla(w_pk32: jax.Array, x_nk: jax.Array, out_features: int) -> jax.Array:
-    """The same product in XLA ([N, K] x panels -> [N, out_features]): many rows (a prefill), or no kernel."""
-    y_npc = jnp.einsum("nk,pkc->npc", x_nk, w_pk32.astype(x_nk.dtype))
-    return y_npc.reshape(x_nk.shape[0], -1)[:, :out_features]

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_r1_jax.models.qwen2_5_vl import rope_index as rope_lib
-from edit_r1_jax.models.qwen2_5_vl.common import (OUT_IN_MAX_LEFT_WEIGHT_ROWS, RMSNorm, constrain, current_sharding,
-                                                  default_init, dense, sharding_context)
+from edit_r1_jax.models.qwen2_5_vl.common import (RMSNorm, constrain, current_sharding, default_init, dense,
+                                                  sharding_context)
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.text import decode_layers_unrolled, decoder_stack, mrope_cos_sin
 from edit_r1_jax.models.qwen2_5_vl.vision import VisionTower, meta_arrays
@@ -91,14 +91,10 @@ class Qwen25VL(nn.Module):
         return _float_logits(jnp.transpose(out_vbt, (1, 2, 0)))
 
     def logits_panels(self, h_btd, head: HeadPanels):
-        """``logits`` with the LM head packed in panels (`HeadPanels`): the native kernel for a decode step's few
-        rows, XLA for more (`common.DensePanel`'s rule). -> [B, T, vocab] float32."""
+        """``logits`` with the LM head packed in panels (`HeadPanels`), through the native kernel
+        (`common.DensePanel`). -> [B, T, vocab] float32."""
         from edit_r1_jax.native import panel_matmul as pm
-        h_nd = h_btd.reshape(-1, h_btd.shape[-1])
-        if h_nd.shape[0] <= OUT_IN_MAX_LEFT_WEIGHT_ROWS:
-            out_nv = pm.panel_matmul(head.kernel_p, h_nd, head.vocab)
-        else:
-            out_nv = pm.panel_matmul_xla(head.kernel_p, h_nd, head.vocab)
+        out_nv = pm.panel_matmul(head.kernel_p, h_btd.reshape(-1, h_btd.shape[-1]), head.vocab)
         return _float_logits(out_nv.reshape(h_btd.shape[:2] + (head.vocab,)))
 
     def logits_vocab_major(self, h_bd, head_vd):
