@@ -253,11 +253,8 @@ def test_rotary_table_equals_per_step_rotary(setup):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-def test_cpu_decode_step_reads_weights_as_left_operand(setup, monkeypatch):
-    """Guard for the CPU decode speed (bench/qwen_decode.py): in the compiled decode loop every projection's dot has
-    the weight as its left operand, i.e. yields [out, rows]. XLA rewrites some equivalent forms back into the
-    x-left product (``x @ W^T``, about half the weight-read rate for a decode step's few rows), silently."""
-    import re
+def _compiled_generate_hlo(setup, monkeypatch, layout: str) -> str:
+    """The compiled HLO text of a 2-token `generate` on held decode weights of ``layout``."""
     _, cfg, params, grid, pv, rows = setup
     ids, mask = pad_rows(rows, "left")
     hlo = {}
@@ -267,8 +264,17 @@ def test_cpu_decode_step_reads_weights_as_left_operand(setup, monkeypatch):
         hlo["text"] = real.lower(*args, **kw).compile().as_text()
         return real(*args, **kw)
     monkeypatch.setattr(gen_lib, "_generate_jit", spy)
-    q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2,
-               decode_weights=q.prepare_decode(cfg, params, "out_in"))
+    q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2, decode_weights=q.prepare_decode(cfg, params, layout))
+    return hlo["text"]
+
+
+def test_cpu_decode_step_reads_weights_as_left_operand(setup, monkeypatch):
+    """Guard for the CPU decode speed (bench/qwen_decode.py): in the compiled decode loop every projection's dot has
+    the weight as its left operand, i.e. yields [out, rows]. XLA rewrites some equivalent forms back into the
+    x-left product (``x @ W^T``, about half the weight-read rate for a decode step's few rows), silently."""
+    import re
+    _, cfg, params, grid, pv, rows = setup
+    hlo = {"text": _compiled_generate_hlo(setup, monkeypatch, "out_in")}
     t = cfg.text
     # q/k/v and gate/up are read as one product each (text.fuse_projections)
     out_features = {"qkv_proj": (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim,
@@ -287,16 +293,7 @@ def test_panel_decode_step_runs_native_kernel(setup, monkeypatch):
     is the native kernel's custom call with the step's rows, and no projection is left to an XLA dot."""
     import re
     _, cfg, params, grid, pv, rows = setup
-    ids, mask = pad_rows(rows, "left")
-    hlo = {}
-    real = gen_lib._generate_jit
-
-    def spy(*args, **kw):
-        hlo["text"] = real.lower(*args, **kw).compile().as_text()
-        return real(*args, **kw)
-    monkeypatch.setattr(gen_lib, "_generate_jit", spy)
-    q.generate(cfg, params, ids, mask, pv, grid, max_new_tokens=2, decode_weights=q.prepare_decode(cfg, params,
-                                                                                                     "panel"))
+    hlo = {"text": _compiled_generate_hlo(setup, monkeypatch, "panel")}
     body = [ln for ln in hlo["text"].splitlines()                # the decode loop (not the vision tower's scan)
             if "/while/body/Qwen25VL." in ln and "encode_images" not in ln]
     calls = [ln for ln in body if 'custom_call_target="edit_r1_panel_matmul"' in ln]

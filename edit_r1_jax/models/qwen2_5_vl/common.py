@@ -51,6 +51,16 @@ def dense(features, axes: Sequence[str | None], *, use_bias: bool, name: str, ax
 OUT_IN_MAX_LEFT_WEIGHT_ROWS = 64
 
 
+def _out_features_and_input_axes(module: str, features, axis, x) -> tuple[tuple[int, ...], int]:
+    """(output features as a tuple, number of contracted input axes) of a dense layer that contracts x's trailing
+    ``axis`` (an int or a tuple); other axes are an error naming ``module``."""
+    feats = features if isinstance(features, tuple) else (features,)
+    axes = tuple(a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,)))
+    if axes != tuple(range(x.ndim - len(axes), x.ndim)):
+        raise ValueError(f"{module} contracts trailing axes only, got axis={axis} for x {x.shape}")
+    return feats, len(axes)
+
+
 class DenseOutIn(nn.Module):
     """``dense`` with the kernel stored output-major, ``kernel_t`` [out..., in...] (the torch ``nn.Linear`` order).
     Same result as ``dense`` on ``kernel = kernel_t`` transposed; used by generation on CPU. For a decode step's few
@@ -65,13 +75,9 @@ class DenseOutIn(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        feats = self.features if isinstance(self.features, tuple) else (self.features,)
-        axes = tuple(a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
-        in_shape = tuple(x.shape[a] for a in axes)
+        feats, n_in = _out_features_and_input_axes("DenseOutIn", self.features, self.axis, x)
+        in_shape = x.shape[x.ndim - n_in:]
         kernel_t = self.param("kernel_t", nn.initializers.zeros, feats + in_shape, x.dtype)
-        n_in = len(axes)
-        if axes != tuple(range(x.ndim - n_in, x.ndim)):
-            raise ValueError(f"DenseOutIn contracts trailing axes only, got axis={self.axis} for x {x.shape}")
         # A 2-D kernel [out, in]: with several output or input axes XLA would copy it into [in, out] order for the
         # x-left product. x keeps its batch axes: a [out, rows] product followed by a 2-D transpose is rewritten by
         # XLA into the x-left product, which loses the fast weight-left form.
@@ -103,11 +109,7 @@ class DensePanel(nn.Module):
     @nn.compact
     def __call__(self, x):
         from edit_r1_jax.native import panel_matmul as pm
-        feats = self.features if isinstance(self.features, tuple) else (self.features,)
-        axes = tuple(a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
-        n_in = len(axes)
-        if axes != tuple(range(x.ndim - n_in, x.ndim)):
-            raise ValueError(f"DensePanel contracts trailing axes only, got axis={self.axis} for x {x.shape}")
+        feats, n_in = _out_features_and_input_axes("DensePanel", self.features, self.axis, x)
         n_out, k = math.prod(feats), math.prod(x.shape[x.ndim - n_in:])
         kernel_p = self.param("kernel_p", nn.initializers.zeros, (pm.num_panels(n_out), k, pm.PANEL), x.dtype)
         y = pm.panel_matmul(kernel_p, x.reshape(-1, k), n_out)                                # [rows, out]
