@@ -1,4 +1,5 @@
-"""`edit-r1-jax env`: JAX version, backend, devices, process count, and the mesh a config would build."""
+"""`edit-r1-jax env`: JAX version, backend, devices, process count, the native CPU decode kernel's state, and the
+mesh a config would build."""
 from __future__ import annotations
 
 
@@ -24,6 +25,16 @@ def run(args) -> int:
     devs = jax.devices()
     print(f"devices: {len(devs)} global, {jax.local_device_count()} local: "
           f"{', '.join(str(d) for d in devs[:8])}{' ...' if len(devs) > 8 else ''}")
+    if jax.default_backend() == "cpu":
+        from edit_r1_jax.native import panel_matmul
+        reason = panel_matmul.unavailable_reason()           # builds it on first use (a few seconds)
+        if reason:
+            state = f"unavailable ({reason}); CPU generation uses XLA's product (decode_layout='out_in')"
+        elif panel_matmul.preferred():
+            state = "built; CPU generation uses it by default (decode_layout='panel')"
+        else:
+            state = "built; not the default here (no AVX-512), decode_layout='panel' selects it"
+        print(f"native decode kernel: {state}")
     if args.config:
         from edit_r1_jax import config as config_lib
         cfg = config_lib.get_config(args.config, args.overrides, num_devices=len(devs))
