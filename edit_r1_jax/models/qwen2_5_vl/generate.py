@@ -77,6 +77,9 @@ def resolve_decode_layout(layout: str, params: dict | None = None) -> str:
     copy would double the weights' memory during generation)."""
     if layout not in DECODE_LAYOUTS:
         raise ValueError(f"decode_layout={layout!r}: expected one of {DECODE_LAYOUTS}")
+    if layout == "panel" and jax.default_backend() != "cpu":
+        raise ValueError(f"decode_layout='panel' is the native CPU kernel; the backend here is "
+                         f"{jax.default_backend()!r} (use 'auto' or 'in_out')")
     if layout != "auto":
         return layout
     if jax.default_backend() != "cpu":
