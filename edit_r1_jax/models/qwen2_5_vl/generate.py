@@ -137,8 +137,8 @@ _decode_weights_jit = jax.jit(decode_weights, static_argnames=("cfg", "layout"))
 
 def prepare_decode(cfg: Qwen25VLConfig, params: dict, decode_layout: str = "auto") -> DecodeWeights:
     """``DecodeWeights`` for ``generate(..., decode_weights=...)``: make once, reuse while ``params`` are unchanged
-    (remake after every optimizer step of the model itself). On CPU ("out_in") this saves the per-call transposes
-    of every projection kernel (20-30 ms per call for the 20 M-parameter benchmark model)."""
+    (remake after every optimizer step of the model itself). On CPU ("panel", "out_in") this saves the per-call
+    re-layout of every projection kernel (20-40 ms per call for the 20 M-parameter benchmark model)."""
     layout = resolve_decode_layout(decode_layout, params)
     with sharding_context(*(sharding_of(params) or (None, ()))):
         layer_params, head_vd = _decode_weights_jit(cfg, params, layout)
@@ -186,7 +186,8 @@ def step_vocab_axis(head_vd, temperature: float) -> int:
     """Where a decode step's logits hold the vocabulary (`step_logits`): 0 ([vocab, B], as the output-major head's
     product yields them) for greedy decoding with the CPU head, whose reductions then read them without a transpose
     (in-loop measurement: head product + selection 0.56 instead of 0.76 ms per step); else -1 ([B, vocab])."""
-    return 0 if isinstance(head_vd, jax.Array) and temperature == 0.0 else -1
+    output_major = head_vd is not None and not isinstance(head_vd, HeadPanels)   # panels yield [B, vocab]
+    return 0 if output_major and temperature == 0.0 else -1
 
 
 def step_logits(mdl, h_b1d, head_vd, vocab_axis: int):
