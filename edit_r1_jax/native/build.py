@@ -10,6 +10,7 @@ never load a half-written library. Failures raise `NativeBuildError` with the co
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -32,8 +33,10 @@ def cache_dir() -> str:
                           os.path.join(os.path.expanduser("~"), ".cache", "edit_r1_jax", "native"))
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flags() -> str:
-    """The CPU's feature flags (``/proc/cpuinfo``), or the machine name where there is no such file."""
+    """The CPU's feature flags (``/proc/cpuinfo``, read once per process), or the machine name where there is no
+    such file."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from edit_r1_jax.native import panel_matmul as pm
+
 default_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -108,7 +110,6 @@ class DensePanel(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        from edit_r1_jax.native import panel_matmul as pm
         feats, n_in = _out_features_and_input_axes("DensePanel", self.features, self.axis, x)
         n_out, k = math.prod(feats), math.prod(x.shape[x.ndim - n_in:])
         kernel_p = self.param("kernel_p", nn.initializers.zeros, (pm.num_panels(n_out), k, pm.PANEL), x.dtype)

@@ -25,6 +25,7 @@ from edit_r1_jax.models.qwen2_5_vl import text as text_lib
 from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.common import sharding_context
 from edit_r1_jax.models.qwen2_5_vl.model import HeadPanels, Qwen25VL, _prep, embed_inputs, sharding_of
+from edit_r1_jax.native import panel_matmul
 
 
 def round_up(n: int, m: int) -> int:
@@ -88,7 +89,6 @@ def resolve_decode_layout(layout: str, params: dict | None = None) -> str:
 
 
 def _panel_fits(params: dict | None) -> bool:
-    from edit_r1_jax.native import panel_matmul
     if params is not None:
         if params["embed_tokens"]["embedding"].dtype != jnp.float32:
             return False
@@ -110,9 +110,8 @@ def decode_weights(cfg: Qwen25VLConfig, params: dict, layout: str) -> tuple[list
     head_vd = params["embed_tokens"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"].T
     layers = [text_lib.fuse_projections(text_lib.to_out_in(p)) for p in layer_params]
     if layout == "panel":
-        from edit_r1_jax.native.panel_matmul import pack_panels
         layers = [text_lib.to_panels(p) for p in layers]
-        return jax.lax.optimization_barrier((layers, HeadPanels(pack_panels(head_vd), head_vd.shape[0])))
+        return jax.lax.optimization_barrier((layers, HeadPanels(panel_matmul.pack_panels(head_vd), head_vd.shape[0])))
     return jax.lax.optimization_barrier((layers, head_vd))
 
 

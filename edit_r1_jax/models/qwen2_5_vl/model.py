@@ -28,6 +28,7 @@ from edit_r1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from edit_r1_jax.models.qwen2_5_vl.text import decode_layers_unrolled, decoder_stack, mrope_cos_sin
 from edit_r1_jax.models.qwen2_5_vl.vision import VisionTower, meta_arrays
 from edit_r1_jax.models.qwen2_5_vl.vision_meta import vision_meta
+from edit_r1_jax.native import panel_matmul as pm
 
 
 @flax.struct.dataclass
@@ -93,7 +94,6 @@ class Qwen25VL(nn.Module):
     def logits_panels(self, h_btd, head: HeadPanels):
         """``logits`` with the LM head packed in panels (`HeadPanels`), through the native kernel
         (`common.DensePanel`). -> [B, T, vocab] float32."""
-        from edit_r1_jax.native import panel_matmul as pm
         out_nv = pm.panel_matmul(head.kernel_p, h_btd.reshape(-1, h_btd.shape[-1]), head.vocab)
         return _float_logits(out_nv.reshape(h_btd.shape[:2] + (head.vocab,)))
 

@@ -33,6 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from edit_r1_jax.models import layer_layout, layers
 from edit_r1_jax.models.qwen2_5_vl.common import FUSED_KERNEL_LAYOUTS, RMSNorm, constrain, dense_in_layout
 from edit_r1_jax.models.qwen2_5_vl.config import TextConfig
+from edit_r1_jax.native.panel_matmul import pack_panels
 
 _cp = jax.checkpoint_policies
 REMAT_POLICIES = {
@@ -189,25 +190,30 @@ def stack_cache_to_step(cache) -> tuple:
     return tuple((ck[i].transpose(0, 2, 3, 1), cv[i].transpose(0, 2, 1, 3)) for i in range(ck.shape[0]))
 
 
-# per module: how many leading kernel axes are inputs (o_proj contracts heads and head_dim)
+# per module: how many kernel axes are inputs (o_proj contracts heads and head_dim); the fused decode kernels
+# (`fuse_projections`) included
 _KERNEL_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
-                      "down_proj": 1}
+                      "down_proj": 1, "qkv_proj": 1, "gate_up_proj": 1}
+
+
+def _relayout_kernels(tree: dict, field: str, new_field: str, relayout) -> dict:
+    """``tree`` with every projection's ``field`` replaced by ``new_field`` = ``relayout(kernel, n_in)`` (n_in: its
+    number of input axes, `_KERNEL_INPUT_AXES`); biases, norms and everything else unchanged."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k in _KERNEL_INPUT_AXES and field in v:
+            out[k] = {**{n: a for n, a in v.items() if n != field},
+                      new_field: relayout(v[field], _KERNEL_INPUT_AXES[k])}
+        else:
+            out[k] = _relayout_kernels(v, field, new_field, relayout) if isinstance(v, dict) else v
+    return out
 
 
 def to_out_in(layer_tree: dict) -> dict:
     """One layer's params with every projection kernel [in..., out...] replaced by ``kernel_t`` [out..., in...]
     (`common.DenseOutIn`); norms and biases unchanged."""
-    def convert(tree):
-        out = {}
-        for k, v in tree.items():
-            if isinstance(v, dict) and k in _KERNEL_INPUT_AXES and "kernel" in v:
-                n_in, kern = _KERNEL_INPUT_AXES[k], v["kernel"]
-                perm = tuple(range(n_in, kern.ndim)) + tuple(range(n_in))
-                out[k] = {**{n: a for n, a in v.items() if n != "kernel"}, "kernel_t": jnp.transpose(kern, perm)}
-            else:
-                out[k] = convert(v) if isinstance(v, dict) else v
-        return out
-    return convert(layer_tree)
+    return _relayout_kernels(layer_tree, "kernel", "kernel_t", lambda kern, n_in: jnp.transpose(
+        kern, tuple(range(n_in, kern.ndim)) + tuple(range(n_in))))
 
 
 def fuse_projections(layer_t: dict) -> dict:
@@ -233,21 +239,10 @@ def fuse_projections(layer_t: dict) -> dict:
 def to_panels(layer_fused: dict) -> dict:
     """One layer's `fuse_projections` params with every ``kernel_t`` [out..., in...] replaced by ``kernel_p``
     [ceil(O / 32), K, 32] (`common.DensePanel`, the native CPU decode kernel's packing); biases and norms unchanged."""
-    from edit_r1_jax.native.panel_matmul import pack_panels
-    n_in = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "down_proj": 1}
-
-    def convert(tree):
-        out = {}
-        for k, v in tree.items():
-            if isinstance(v, dict) and "kernel_t" in v:
-                kern = v["kernel_t"]
-                n_out = kern.ndim - n_in[k]
-                w_ok = kern.reshape(math.prod(kern.shape[:n_out]), math.prod(kern.shape[n_out:]))
-                out[k] = {**{n: a for n, a in v.items() if n != "kernel_t"}, "kernel_p": pack_panels(w_ok)}
-            else:
-                out[k] = convert(v) if isinstance(v, dict) else v
-        return out
-    return convert(layer_fused)
+    def pack(kern, n_in):
+        n_out = kern.ndim - n_in
+        return pack_panels(kern.reshape(math.prod(kern.shape[:n_out]), math.prod(kern.shape[n_out:])))
+    return _relayout_kernels(layer_fused, "kernel_t", "kernel_p", pack)
 
 
 def decode_layers_unrolled(cfg: TextConfig, layer_params: list, x_btd, caches, cos, sin, segment_ids, cache_index,
